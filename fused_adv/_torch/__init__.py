@@ -1,0 +1,1 @@
+"""The pure-PyTorch backend (always available, any device)."""

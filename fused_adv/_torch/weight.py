@@ -1,0 +1,132 @@
+"""The ``torch`` backend of the weight-space ops: pure PyTorch, any device.
+
+This file is also the executable statement of the op math that every other backend (cpp, cuda,
+triton) implements; keep them in step.  Per tensor i (P param, G grad, B backup):
+
+* all element math is done in float32 (float64 inputs stay float64) and rounded once to P's dtype
+  when stored, except AWP's box, which is rounded to P's dtype after each op exactly as the
+  reference computes it in P's dtype (e = adv_eps*|B|, lo = B - e, hi = B + e);
+* per-tensor scalars (norms, factors) are float32 tensors on the device: the zero/NaN guard
+  ``ok = (n != 0) & !isnan(n)`` is a device-side select, never a host read.
+
+No function here syncs the host.  Backups are written by ``copy_`` so they are bit-exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_EMPTY_F32 = dict(dtype=torch.float32)
+
+
+def _acc(t: Tensor) -> Tensor:
+    """t in its accumulation dtype: float64 stays float64, everything else becomes float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _guard(n: Tensor) -> Tensor:
+    return (n != 0) & ~torch.isnan(n)
+
+
+def multi_tensor_sumsq(tensors: list[Tensor]) -> Tensor:
+    if not tensors:
+        return torch.empty(0, **_EMPTY_F32)
+    # torch.linalg.vector_norm with dtype=float32 accumulates in fp32 without an fp32 copy of
+    # an fp16/bf16 input; squaring the norm costs one rounding, far below the test tolerance.
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) if t.dtype != torch.float64
+             else torch.linalg.vector_norm(t).float() for t in tensors]
+    return torch.stack(norms).square()
+
+
+def pgd_reduce(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], first: bool) -> Tensor:
+    if not params:
+        return torch.empty(0, 3, **_EMPTY_F32)
+    rows = []
+    for p, g, b in zip(params, grads, backups):
+        g32 = _acc(g).reshape(-1)
+        gg = torch.dot(g32, g32).float()
+        if first:
+            zero = gg.new_zeros(())
+            rows.append(torch.stack([gg, zero, zero]))
+            continue
+        d = (_acc(p) - _acc(b)).reshape(-1)
+        rows.append(torch.stack([gg, torch.dot(d, g32).float(), torch.dot(d, d).float()]))
+    return torch.stack(rows)
+
+
+def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, write_backup: bool) -> None:
+    if not params:
+        return
+    if write_backup:
+        torch._foreach_copy_(backups, params)
+    n = grad_sumsq.sqrt()
+    # n = +inf is not skipped: factor 0, so finite entries get 0 and inf entries NaN (0*inf),
+    # as the community class's eps*G/inf does.
+    factor = torch.where(_guard(n), epsilon / n, torch.zeros_like(n))
+    for i, (p, g) in enumerate(zip(params, grads)):
+        p.copy_(_acc(p) + _acc(g) * factor[i])
+
+
+def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) -> None:
+    if not params:
+        return
+    if write_backup:
+        torch._foreach_copy_(backups, params)
+    for p, g in zip(params, grads):
+        p.copy_(_acc(p) + epsilon * torch.sign(_acc(g)))
+
+
+def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
+    """P' = P + c*G with c = alpha/||G||; r = P' - B; if ||r|| > eps: r *= eps/||r||; P = B + r.
+
+    ||r||^2 = ||d||^2 + 2c<d, G> + c^2||G||^2 with d = P - B, all from ``stats``, so the
+    projection factor s is known before the single update pass.  Skipped tensors (guard false)
+    keep P bit for bit.
+    """
+    if not params:
+        return
+    if first:
+        torch._foreach_copy_(backups, params)
+    gg, dg, dd = stats[:, 0], stats[:, 1], stats[:, 2]
+    if first:  # d = 0 exactly: B was just copied from P
+        dg, dd = torch.zeros_like(dg), torch.zeros_like(dd)
+    n = gg.sqrt()
+    ok = _guard(n)
+    c = torch.where(ok, alpha / n, torch.zeros_like(n))
+    r = (dd + 2 * c * dg + c * c * gg).clamp_min(0).sqrt()
+    s = torch.where(ok & (r > epsilon), epsilon / r, torch.ones_like(r))
+    for i, (p, g, b) in enumerate(zip(params, grads, backups)):
+        b32 = _acc(b)
+        new = b32 + s[i] * ((_acc(p) - b32) + c[i] * _acc(g))
+        p.copy_(torch.where(ok[i], new, p))
+
+
+def awp_box(b: Tensor, adv_eps: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi) = (B - e, B + e), e = adv_eps*|B|, each op rounded to B's dtype (as the reference)."""
+    e = adv_eps * b.abs()
+    return b - e, b + e
+
+
+def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor,
+                 adv_lr: float, adv_eps: float, first: bool) -> None:
+    """P <- clamp(P + adv_lr * G/(||G||+1e-6) * (||P||+1e-6), lo, hi), NaN-propagating.
+
+    Guard on ||G|| (zero or NaN: the tensor is left unchanged, no clamp).  On ``first`` the
+    backup is written for every tensor, guarded or not.
+    """
+    if not params:
+        return
+    if first:
+        torch._foreach_copy_(backups, params)
+    n1, n2 = grad_sumsq.sqrt(), param_sumsq.sqrt()
+    ok = _guard(n1)
+    factor = torch.where(ok, adv_lr * (n2 + 1e-6) / (n1 + 1e-6), torch.zeros_like(n1))
+    for i, (p, g, b) in enumerate(zip(params, grads, backups)):
+        lo, hi = awp_box(b, adv_eps)
+        new = torch.minimum(torch.maximum(_acc(p) + _acc(g) * factor[i], _acc(lo)), _acc(hi))
+        p.copy_(torch.where(ok[i], new, p))
+
+
+def restore_(params, backups) -> None:
+    if params:
+        torch._foreach_copy_(params, backups)

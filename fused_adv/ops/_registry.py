@@ -1,0 +1,119 @@
+"""Backend registry: which implementation serves an op call, and why the others cannot.
+
+Backends, in auto-preference order per device:
+  CUDA tensors: cuda (compiled extension) -> triton -> torch
+  CPU tensors:  cpp (compiled extension)  -> torch
+The ``triton`` backend also serves CPU tensors when ``TRITON_INTERPRET=1`` (tests), but auto never
+picks it there.  ``backend=None`` means "auto" unless ``FUSED_ADV_BACKEND`` names a backend.
+An explicit backend that cannot serve the call raises :class:`BackendUnavailableError` listing
+every backend with its reason; auto falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from fused_adv.ops import _library
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# op family -> module of the Triton launchers (imported lazily: importing triton is slow)
+TRITON_MODULES = {"weight": "fused_adv._triton.weight"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve this call; the message lists every reason."""
+
+
+def _family_of(op: str) -> str:
+    for family, (schemas, _) in _library.FAMILIES.items():
+        if op in schemas:
+            return family
+    raise KeyError(f"unknown fused_adv op {op!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_module(family: str):
+    return importlib.import_module(TRITON_MODULES[family])
+
+
+def why_not(backend: str, device: torch.device, op: str) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    dev = device.type
+    qualified = f"{_library.NAMESPACE}::{op}"
+    if backend == "torch":
+        return None
+    if backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        if dev != want:
+            return f"serves {want} tensors, these are on {dev}"
+        if _library.EXTENSION is None:
+            return f"the compiled extension fused_adv._C is not available ({_library.EXTENSION_ERROR})"
+        if backend == "cuda" and not _library.extension_built_with_cuda():
+            return "fused_adv._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
+        if not _library.has_native(op, dev):
+            return f"fused_adv._C has no {backend} kernel for {qualified}"
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "serves cuda tensors (cpu only under TRITON_INTERPRET=1)"
+        if dev not in ("cpu", "cuda"):
+            return f"does not serve {dev} tensors"
+        family = _family_of(op)
+        if family not in TRITON_MODULES:
+            return f"has no kernels for the {family} op family"
+        try:
+            mod = _triton_module(family)
+        except Exception as exc:
+            return f"{TRITON_MODULES[family]} failed to import ({type(exc).__name__}: {exc})"
+        if not hasattr(mod, op):
+            return f"{TRITON_MODULES[family]} has no kernel for {op}"
+        return None
+    return f"unknown backend (choose from {', '.join(BACKENDS)} or 'auto')"
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend name that will run ``op`` on ``device``."""
+    requested = backend if backend not in (None, "auto") else os.environ.get("FUSED_ADV_BACKEND", "auto")
+    requested = requested.strip().lower() or "auto"
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if why_not(name, device, op) is None:
+                return name
+        return "torch"
+    reason = why_not(requested, device, op)
+    if reason is None:
+        return requested
+    lines = [f"backend {requested!r} cannot run fused_adv::{op} on {device.type} tensors:"]
+    for name in BACKENDS:
+        r = why_not(name, device, op)
+        lines.append(f"  {name:7s} {'available' if r is None else r}")
+    if requested not in BACKENDS:
+        lines.append(f"  {requested!r} is not a backend name")
+    lines.append("Pass backend='auto' (or unset FUSED_ADV_BACKEND) to let fused_adv choose.")
+    raise BackendUnavailableError("\n".join(lines))
+
+
+def kernel(backend: str, op: str) -> Callable:
+    """The callable implementing ``op`` for a resolved backend name."""
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.fused_adv, op)
+    family = _family_of(op)
+    if backend == "triton":
+        return getattr(_triton_module(family), op)
+    return getattr(importlib.import_module(_library.FAMILIES[family][1]), op)

@@ -1,0 +1,151 @@
+"""Public multi-tensor ops for the weight-space methods (FGM, FGSM, PGD, AWP).
+
+Each function validates its arguments, picks a backend (``backend=`` argument, else
+``FUSED_ADV_BACKEND``, else auto; see fused_adv.ops._registry) and calls it.  None of them reads
+a value back to the host.  Shapes and dtypes:
+
+* ``params``, ``grads``, ``backups``: lists of N tensors on one device; entry i of each list has
+  the same shape and dtype (float16, bfloat16, float32 or float64); params and backups must be
+  contiguous (grads are made contiguous if they are not).
+* reductions return float32 tensors on that device; ``*_`` functions mutate in place.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fused_adv.ops._registry import kernel, resolve
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _device_of(*lists: Sequence[Tensor]) -> torch.device:
+    for lst in lists:
+        for t in lst:
+            return t.device
+    return torch.device("cpu")
+
+
+def _check(op: str, params: Sequence[Tensor], *others: tuple[str, Sequence[Tensor]],
+           mutated: Sequence[Sequence[Tensor]] = ()) -> list[list[Tensor]]:
+    """Validates matching lists; returns [params, *others] as lists (grads made contiguous)."""
+    n = len(params)
+    out = [list(params)]
+    device = _device_of(params)
+    for label, lst in others:
+        if len(lst) != n:
+            raise ValueError(f"fused_adv.{op}: got {n} params but {len(lst)} {label}; pass one per param")
+        fixed = []
+        for i, (p, t) in enumerate(zip(params, lst)):
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise ValueError(
+                    f"fused_adv.{op}: {label}[{i}] is {tuple(t.shape)} {t.dtype} but params[{i}] is "
+                    f"{tuple(p.shape)} {p.dtype}; they must match")
+            if t.device != device:
+                raise ValueError(f"fused_adv.{op}: {label}[{i}] is on {t.device}, params on {device}; "
+                                 "one call serves one device")
+            fixed.append(t if t.is_contiguous() else t.contiguous())
+        out.append(fixed)
+    for i, p in enumerate(params):
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fused_adv.{op}: params[{i}] has dtype {p.dtype}; expected one of "
+                            f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+        if p.device != device:
+            raise ValueError(f"fused_adv.{op}: params[{i}] is on {p.device}, params[0] on {device}")
+    for lst in mutated:
+        for i, t in enumerate(lst):
+            if not t.is_contiguous():
+                raise ValueError(f"fused_adv.{op}: tensor {i} is mutated in place and must be contiguous "
+                                 "(call .contiguous() on the parameter once, before training)")
+    return out
+
+
+def _vector(name: str, t: Tensor, n: int, device: torch.device, cols: int | None = None) -> Tensor:
+    shape = (n,) if cols is None else (n, cols)
+    if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device:
+        raise ValueError(f"fused_adv: {name} must be float32 {shape} on {device}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def multi_tensor_sumsq(tensors: Sequence[Tensor], *, backend: str | None = None) -> Tensor:
+    """float32[N]: sum of squares of each tensor, accumulated in fp32 or wider, one launch."""
+    (tensors,) = _check("multi_tensor_sumsq", tensors)
+    device = _device_of(tensors)
+    if not tensors:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    return kernel(resolve(backend, device, "multi_tensor_sumsq"), "multi_tensor_sumsq")(tensors)
+
+
+def pgd_reduce(params, grads, backups, first: bool, *, backend: str | None = None) -> Tensor:
+    """float32[N, 3]: (||G||^2, <P-B, G>, ||P-B||^2) per tensor; columns 1-2 are 0 when ``first``."""
+    params, grads, backups = _check("pgd_reduce", params, ("grads", grads), ("backups", backups))
+    device = _device_of(params)
+    if not params:
+        return torch.empty(0, 3, dtype=torch.float32, device=device)
+    return kernel(resolve(backend, device, "pgd_reduce"), "pgd_reduce")(params, grads, backups, bool(first))
+
+
+def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, write_backup: bool,
+                 *, backend: str | None = None) -> None:
+    """If write_backup, B <- P; then P <- P + epsilon*G/||G|| where ||G|| = sqrt(grad_sumsq[i])
+    is neither 0 nor NaN (else P unchanged).  Mutates params (and backups)."""
+    params, grads, backups = _check("fgm_perturb_", params, ("grads", grads), ("backups", backups),
+                                    mutated=(params, backups))
+    if not params:
+        return
+    device = _device_of(params)
+    grad_sumsq = _vector("grad_sumsq", grad_sumsq, len(params), device)
+    kernel(resolve(backend, device, "fgm_perturb_"), "fgm_perturb_")(
+        params, grads, backups, grad_sumsq, float(epsilon), bool(write_backup))
+
+
+def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool, *, backend: str | None = None) -> None:
+    """If write_backup, B <- P; then P <- P + epsilon*sign(G).  Mutates params (and backups)."""
+    params, grads, backups = _check("fgsm_perturb_", params, ("grads", grads), ("backups", backups),
+                                    mutated=(params, backups))
+    if not params:
+        return
+    device = _device_of(params)
+    kernel(resolve(backend, device, "fgsm_perturb_"), "fgsm_perturb_")(
+        params, grads, backups, float(epsilon), bool(write_backup))
+
+
+def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool,
+                 *, backend: str | None = None) -> None:
+    """One PGD step with the analytic projection onto the epsilon-ball around B.  If ``first``,
+    B <- P first.  ``stats`` comes from :func:`pgd_reduce` with the same ``first``."""
+    params, grads, backups = _check("pgd_perturb_", params, ("grads", grads), ("backups", backups),
+                                    mutated=(params, backups))
+    if not params:
+        return
+    device = _device_of(params)
+    stats = _vector("stats", stats, len(params), device, cols=3)
+    kernel(resolve(backend, device, "pgd_perturb_"), "pgd_perturb_")(
+        params, grads, backups, stats, float(alpha), float(epsilon), bool(first))
+
+
+def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor, adv_lr: float,
+                 adv_eps: float, first: bool, *, backend: str | None = None) -> None:
+    """One AWP step: if ``first``, B <- P; then for tensors whose ||G|| is neither 0 nor NaN,
+    P <- clamp(P + adv_lr*G/(||G||+1e-6)*(||P||+1e-6), B - adv_eps|B|, B + adv_eps|B|)."""
+    params, grads, backups = _check("awp_perturb_", params, ("grads", grads), ("backups", backups),
+                                    mutated=(params, backups))
+    if not params:
+        return
+    device = _device_of(params)
+    grad_sumsq = _vector("grad_sumsq", grad_sumsq, len(params), device)
+    param_sumsq = _vector("param_sumsq", param_sumsq, len(params), device)
+    kernel(resolve(backend, device, "awp_perturb_"), "awp_perturb_")(
+        params, grads, backups, grad_sumsq, param_sumsq, float(adv_lr), float(adv_eps), bool(first))
+
+
+def restore_(params, backups, *, backend: str | None = None) -> None:
+    """P <- B for every pair, bit-exact.  Mutates params."""
+    params, backups = _check("restore_", params, ("backups", backups), mutated=(params,))
+    if not params:
+        return
+    kernel(resolve(backend, _device_of(params), "restore_"), "restore_")(params, backups)
