@@ -6,6 +6,8 @@ The extension (csrc/) is built with ninja through torch.utils.cpp_extension:
 Environment switches:
   FUSED_ADV_BUILD_EXT=0    build no extension (the pure-PyTorch backend serves)
   FUSED_ADV_CUDA=0 / =1    skip / force the CUDA sources (forcing fails loudly if impossible)
+  FUSED_ADV_REQUIRE_EXT=1  a failed extension build is an error (default: warn, torch serves)
+  FUSED_ADV_OPENMP=0       build the CPU kernels without OpenMP (they then run on one thread)
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured by torch.utils.cpp_extension.
 A failed extension build is reported and skipped: it never breaks `import fused_adv`.
 Install with `pip install -e . --no-build-isolation` (an isolated build env would pull an
@@ -44,7 +46,14 @@ def _extensions():
             f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, {len(cuda_sources)} .cu files)")
     use_cuda = can_cuda and want_cuda != "0"
 
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension appends the standard its own headers need
+    # (c++17 up to torch 2.9, c++20 from 2.10; torch 2.13's headers fail under c++17).
+    # -ffp-contract=off: no fused multiply-add contraction, so the element math rounds after
+    # each op exactly as the torch backend does (fused_adv/_torch/weight.py).
+    cxx = ["-O3", "-ffp-contract=off"]
+    # at::parallel_for is an inline OpenMP region (ATen/ParallelOpenMP.h): without -fopenmp it
+    # silently runs on one thread.  The extension links libgomp.so.1, which resolves to the copy
+    # torch already loaded (same soname), so torch.set_num_threads governs our kernels too.
     if os.environ.get("FUSED_ADV_OPENMP", "1") == "1" and sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -52,8 +61,9 @@ def _extensions():
         ext = CUDAExtension(
             "fused_adv._C", sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("FUSED_ADV_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                                                     "-lineinfo"]},
+            # no --use_fast_math: it flushes denormals and approximates sqrt and
+            # division, and the op contract is IEEE fp32 math (fused_adv/_torch/weight.py).
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])
     else:
         ext = CppExtension("fused_adv._C", sources, include_dirs=include_dirs,

@@ -1,0 +1,301 @@
+// CPU kernels of the weight-space ops (FGM, FGSM, PGD, AWP): TORCH_LIBRARY_IMPL(fused_adv, CPU).
+//
+// The math is the one stated by fused_adv/_torch/weight.py, element for element:
+// * element math in float32 (float64 for double tensors), rounded once to P's dtype on store;
+//   AWP's box is rounded to P's dtype after each op (e = adv_eps*|B|, lo = B-e, hi = B+e);
+// * per-tensor factors are computed in float32 from the float32 norm tensors, in the same
+//   operation order as the torch backend (x / n there is reciprocal(n) * x: Tensor.__rtruediv__);
+// * guards (n != 0 and not NaN) are per tensor; a guarded-off tensor is left untouched;
+// * reductions accumulate in double, with one partial per fixed-size chunk summed in chunk
+//   order: results do not depend on the number of threads;
+// * backups and restores are memcpy: bit-exact in every dtype.
+// Each phase is one parallel pass over the chunks of all tensors (see multi_tensor.h).
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+
+namespace fused_adv {
+namespace cpu {
+namespace {
+
+template <typename T>
+using opmath = at::opmath_type<T>;  // float for half/bfloat16/float, double for double
+
+template <typename T>
+inline opmath<T> up(T x) {
+  return static_cast<opmath<T>>(x);
+}
+template <typename T>
+inline double up64(T x) {
+  return static_cast<double>(static_cast<opmath<T>>(x));
+}
+
+// ---- reductions --------------------------------------------------------------------------
+// Eight independent accumulators in a fixed pattern: a single running sum is a serial
+// dependency chain the compiler may not reorder; eight lanes vectorize, and the final
+// combination order is fixed, so the result is deterministic.
+template <typename T>
+double chunk_sumsq(const T* __restrict__ x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = up64(x[i + k]);
+      acc[k] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = up64(x[i]);
+    acc[i & 7] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// (||G||^2, <P-B, G>, ||P-B||^2) over one chunk; d = P - B is formed in double (exact for
+// every input dtype but double itself, where it is rounded once).
+template <typename T>
+void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b,
+                     int64_t n, double out[3]) {
+  double gg[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      const double gv = up64(g[i + k]);
+      const double d = up64(p[i + k]) - up64(b[i + k]);
+      gg[k] += gv * gv;
+      dg[k] += d * gv;
+      dd[k] += d * d;
+    }
+  }
+  for (; i < n; ++i) {
+    const double gv = up64(g[i]);
+    const double d = up64(p[i]) - up64(b[i]);
+    gg[i & 3] += gv * gv;
+    dg[i & 3] += d * gv;
+    dd[i & 3] += d * d;
+  }
+  out[0] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
+  out[1] = (dg[0] + dg[1]) + (dg[2] + dg[3]);
+  out[2] = (dd[0] + dd[1]) + (dd[2] + dd[3]);
+}
+
+// Sums each tensor's chunk partials (stride `width`, column `col`) in chunk order.
+void finish(const ChunkPlan& plan, const std::vector<double>& partials, int64_t width, float* out) {
+  const int64_t n = static_cast<int64_t>(plan.first.size()) - 1;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t col = 0; col < width; ++col) {
+      double s = 0;
+      for (int64_t c = plan.first[t]; c < plan.first[t + 1]; ++c) s += partials[c * width + col];
+      out[t * width + col] = static_cast<float>(s);
+    }
+  }
+}
+
+at::Tensor multi_tensor_sumsq_cpu(at::TensorList tensors) {
+  check_lists("multi_tensor_sumsq", {{"tensors", tensors}});
+  const auto plan = plan_chunks(tensors);
+  std::vector<double> partials(plan.chunks.size());
+  for_each_chunk(plan, [&](int64_t c, const Chunk& ch) {
+    dispatch_float(tensors[ch.tensor].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* x = tensors[ch.tensor].template const_data_ptr<T>() + ch.begin;
+      partials[c] = chunk_sumsq(x, ch.end - ch.begin);
+    });
+  });
+  at::Tensor out = at::empty({static_cast<int64_t>(tensors.size())}, at::TensorOptions().dtype(at::kFloat));
+  finish(plan, partials, 1, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor pgd_reduce_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, bool first) {
+  check_lists("pgd_reduce", {{"params", params}, {"grads", grads}, {"backups", backups}});
+  const auto plan = plan_chunks(params);
+  std::vector<double> partials(plan.chunks.size() * 3);
+  for_each_chunk(plan, [&](int64_t c, const Chunk& ch) {
+    dispatch_float(params[ch.tensor].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const int64_t n = ch.end - ch.begin;
+      const T* g = grads[ch.tensor].template const_data_ptr<T>() + ch.begin;
+      double* out = &partials[c * 3];
+      if (first) {  // d = 0: backups are not read (they may not hold anything yet)
+        out[0] = chunk_sumsq(g, n);
+        out[1] = out[2] = 0;
+      } else {
+        chunk_pgd_stats(params[ch.tensor].template const_data_ptr<T>() + ch.begin, g,
+                        backups[ch.tensor].template const_data_ptr<T>() + ch.begin, n, out);
+      }
+    });
+  });
+  at::Tensor out = at::empty({static_cast<int64_t>(params.size()), 3}, at::TensorOptions().dtype(at::kFloat));
+  finish(plan, partials, 3, out.data_ptr<float>());
+  return out;
+}
+
+// ---- updates -----------------------------------------------------------------------------
+// B <- P over one chunk, bit-exact (memcpy never touches NaN payloads or signed zeros).
+inline void copy_chunk(const at::Tensor& dst, const at::Tensor& src, const Chunk& ch) {
+  const int64_t es = static_cast<int64_t>(src.element_size());
+  std::memcpy(static_cast<char*>(dst.data_ptr()) + ch.begin * es,
+              static_cast<const char*>(src.const_data_ptr()) + ch.begin * es,
+              static_cast<size_t>((ch.end - ch.begin) * es));
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t, const Chunk& ch) {
+  return static_cast<T*>(t.data_ptr()) + ch.begin;
+}
+
+void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     const at::Tensor& grad_sumsq, double epsilon, bool write_backup) {
+  check_lists("fgm_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
+  const int64_t N = static_cast<int64_t>(params.size());
+  const float* gsq = check_scalars("fgm_perturb_", "grad_sumsq", grad_sumsq, N);
+  // factor = epsilon / ||G|| (torch backend: reciprocal(n) * epsilon), 0 when guarded off.
+  std::vector<float> factor(N);
+  std::vector<char> ok(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const float n = std::sqrt(gsq[i]);
+    ok[i] = norm_ok(n);
+    factor[i] = ok[i] ? (1.f / n) * static_cast<float>(epsilon) : 0.f;
+  }
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    if (write_backup) copy_chunk(backups[i], params[i], ch);  // taken even when skipped
+    if (!ok[i]) return;
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      T* __restrict__ p = ptr<T>(params[i], ch);
+      const T* __restrict__ g = ptr<T>(grads[i], ch);
+      const opmath<T> f = static_cast<opmath<T>>(factor[i]);
+      // n = +inf passes the guard: f = 0, so finite entries add 0 and inf entries give NaN.
+      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) p[j] = static_cast<T>(up(p[j]) + up(g[j]) * f);
+    });
+  });
+}
+
+void fgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
+                      bool write_backup) {
+  check_lists("fgsm_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    if (write_backup) copy_chunk(backups[i], params[i], ch);
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using M = opmath<T>;
+      T* __restrict__ p = ptr<T>(params[i], ch);
+      const T* __restrict__ g = ptr<T>(grads[i], ch);
+      const M eps = static_cast<M>(epsilon);
+      // sign as torch.sign computes it: (0 < g) - (g < 0), so sign(NaN) = 0 and sign(-0) = 0.
+      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
+        const M gv = up(g[j]);
+        const M s = static_cast<M>(M(0) < gv) - static_cast<M>(gv < M(0));
+        p[j] = static_cast<T>(up(p[j]) + eps * s);
+      }
+    });
+  });
+}
+
+void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& stats,
+                     double alpha, double epsilon, bool first) {
+  check_lists("pgd_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
+  const int64_t N = static_cast<int64_t>(params.size());
+  const float* st = check_scalars("pgd_perturb_", "stats", stats, N, 3);
+  // Per tensor, as the torch backend: c = alpha/||G||; ||r||^2 = dd + 2c*dg + c^2*gg (clamped
+  // at 0, NaN kept); s = eps/||r|| when ||r|| > eps else 1.  P = B + s*((P - B) + c*G).
+  std::vector<float> cs(N), ss(N);
+  std::vector<char> ok(N);
+  const float a = static_cast<float>(alpha), e = static_cast<float>(epsilon);
+  for (int64_t i = 0; i < N; ++i) {
+    const float gg = st[3 * i], dg = first ? 0.f : st[3 * i + 1], dd = first ? 0.f : st[3 * i + 2];
+    const float n = std::sqrt(gg);
+    ok[i] = norm_ok(n);
+    const float c = ok[i] ? (1.f / n) * a : 0.f;
+    float r2 = (dd + (2.f * c) * dg) + (c * c) * gg;
+    r2 = r2 < 0.f ? 0.f : r2;  // clamp_min(0); NaN stays NaN
+    const float r = std::sqrt(r2);
+    cs[i] = c;
+    ss[i] = (ok[i] && r > e) ? (1.f / r) * e : 1.f;
+  }
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    if (first) copy_chunk(backups[i], params[i], ch);
+    if (!ok[i]) return;  // skipped: P bit for bit, no projection this step
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using M = opmath<T>;
+      T* __restrict__ p = ptr<T>(params[i], ch);
+      const T* __restrict__ g = ptr<T>(grads[i], ch);
+      const T* __restrict__ b = ptr<T>(backups[i], ch);
+      const M c = static_cast<M>(cs[i]), s = static_cast<M>(ss[i]);
+      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
+        const M bv = up(b[j]);
+        p[j] = static_cast<T>(bv + s * ((up(p[j]) - bv) + c * up(g[j])));
+      }
+    });
+  });
+}
+
+void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     const at::Tensor& grad_sumsq, const at::Tensor& param_sumsq, double adv_lr, double adv_eps,
+                     bool first) {
+  check_lists("awp_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
+  const int64_t N = static_cast<int64_t>(params.size());
+  const float* gsq = check_scalars("awp_perturb_", "grad_sumsq", grad_sumsq, N);
+  const float* psq = check_scalars("awp_perturb_", "param_sumsq", param_sumsq, N);
+  // factor = adv_lr * (||P|| + 1e-6) / (||G|| + 1e-6), float32, torch backend's op order.
+  std::vector<float> factor(N);
+  std::vector<char> ok(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const float n1 = std::sqrt(gsq[i]), n2 = std::sqrt(psq[i]);
+    ok[i] = norm_ok(n1);
+    factor[i] = ok[i] ? (static_cast<float>(adv_lr) * (n2 + 1e-6f)) / (n1 + 1e-6f) : 0.f;
+  }
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    if (first) copy_chunk(backups[i], params[i], ch);  // every tensor, guarded or not
+    if (!ok[i]) return;                                // skipped: no step, no clamp
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using M = opmath<T>;
+      T* __restrict__ p = ptr<T>(params[i], ch);
+      const T* __restrict__ g = ptr<T>(grads[i], ch);
+      const T* __restrict__ b = ptr<T>(backups[i], ch);
+      const M f = static_cast<M>(factor[i]);
+      const M ae = static_cast<M>(adv_eps);
+      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
+        // The box as the reference computes it in P's dtype: each op rounded to T.
+        const M bv = up(b[j]);
+        const M ev = up(static_cast<T>(ae * std::abs(bv)));
+        const M lo = up(static_cast<T>(bv - ev));
+        const M hi = up(static_cast<T>(bv + ev));
+        const M v = up(p[j]) + up(g[j]) * f;
+        p[j] = static_cast<T>(nan_min(nan_max(v, lo), hi));
+      }
+    });
+  });
+}
+
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  check_lists("restore_", {{"params", params}, {"backups", backups}});
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) { copy_chunk(params[ch.tensor], backups[ch.tensor], ch); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_adv, CPU, m) {
+  m.impl("multi_tensor_sumsq", &multi_tensor_sumsq_cpu);
+  m.impl("pgd_reduce", &pgd_reduce_cpu);
+  m.impl("fgm_perturb_", &fgm_perturb_cpu);
+  m.impl("fgsm_perturb_", &fgsm_perturb_cpu);
+  m.impl("pgd_perturb_", &pgd_perturb_cpu);
+  m.impl("awp_perturb_", &awp_perturb_cpu);
+  m.impl("restore_", &restore_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_adv
