@@ -14,6 +14,10 @@
 
 #include "cpu/multi_tensor.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace fused_adv {
 namespace cpu {
 namespace {
@@ -132,12 +136,43 @@ at::Tensor pgd_reduce_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 // ---- updates -----------------------------------------------------------------------------
-// B <- P over one chunk, bit-exact (memcpy never touches NaN payloads or signed zeros).
+// Tensors at least this large are copied with non-temporal (streaming) stores: a backup is not
+// read again until restore, and an ordinary store first reads the destination line into cache
+// (read-for-ownership), so a plain copy moves 3 bytes per byte copied instead of 2.  Measured on
+// this 2-core VM, 31 MB fp32: FGM update + backup 33 ms with memcpy per chunk, 17.6 ms without
+// the backup.  Smaller tensors keep ordinary stores (they may still be in cache when used).
+constexpr int64_t kStreamBytes = int64_t{1} << 20;
+
+// dst <- src, bit-exact (integer moves: NaN payloads and signed zeros are untouched).
+inline void copy_bytes(char* __restrict__ dst, const char* __restrict__ src, int64_t bytes, bool stream) {
+#if defined(__SSE2__)
+  if (stream && (reinterpret_cast<uintptr_t>(dst) % 16) == 0 && (reinterpret_cast<uintptr_t>(src) % 16) == 0) {
+    const int64_t vec = bytes / 64 * 64;
+    for (int64_t k = 0; k < vec; k += 64) {
+      const __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(src + k));
+      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(src + k + 16));
+      const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(src + k + 32));
+      const __m128i d = _mm_load_si128(reinterpret_cast<const __m128i*>(src + k + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k + 48), d);
+    }
+    if (bytes > vec) std::memcpy(dst + vec, src + vec, static_cast<size_t>(bytes - vec));
+    _mm_sfence();  // order the streaming stores before anything this thread does next
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+}
+
+// dst <- src over one chunk, bit-exact.
 inline void copy_chunk(const at::Tensor& dst, const at::Tensor& src, const Chunk& ch) {
   const int64_t es = static_cast<int64_t>(src.element_size());
-  std::memcpy(static_cast<char*>(dst.data_ptr()) + ch.begin * es,
-              static_cast<const char*>(src.const_data_ptr()) + ch.begin * es,
-              static_cast<size_t>((ch.end - ch.begin) * es));
+  copy_bytes(static_cast<char*>(dst.data_ptr()) + ch.begin * es,
+             static_cast<const char*>(src.const_data_ptr()) + ch.begin * es, (ch.end - ch.begin) * es,
+             src.numel() * es >= kStreamBytes);
 }
 
 template <typename T>
