@@ -6,7 +6,8 @@ Providers, interleaved run by run so that machine noise hits all of them alike:
   torch      the multi-tensor op sequence on the pure-PyTorch backend (fused_adv/_torch/weight.py);
   cpp        the same op sequence on the compiled CPU kernels (csrc/cpu/weight.cpp).
 Parameter set: BERT-shaped (vocab 30522, hidden 256, 4 layers, intermediate 1024; 11.2M params),
-random weights and random gradients on every parameter.  FGM / PGD perturb word_embeddings; AWP
+random weights and gradients; the embedding gradients are nonzero only in the rows of one 4x64
+batch, as a real backward pass leaves them (--dense-grads: random everywhere).  FGM / PGD perturb word_embeddings; AWP
 perturbs every parameter whose name contains "weight".  PGD-3 = backup_grad, 3 attacks (the first
 one included), restore_grad, restore; the fused sequence sets the clean grads aside (no copy).
 
@@ -52,11 +53,23 @@ class BertShaped(nn.Module):
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(hidden, hidden)))
 
 
-def make_model(dtype: torch.dtype) -> nn.Module:
+def make_model(dtype: torch.dtype, dense: bool = False, batch: int = 4, seq: int = 64) -> nn.Module:
+    """Random weights and gradients.  By default the embedding gradients are what a backward
+    pass gives: nonzero only in the rows of the tokens (positions, token type 0) of one
+    batch x seq batch; every other gradient is dense.  ``dense``: every gradient entry random."""
     torch.manual_seed(0)
     model = BertShaped().to(dtype)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
+    if not dense:
+        emb = model.embeddings
+        vocab = emb.word_embeddings.weight.shape[0]
+        for table, rows in ((emb.word_embeddings, torch.randint(0, vocab, (batch * seq,))),
+                            (emb.position_embeddings, torch.arange(seq)),
+                            (emb.token_type_embeddings, torch.tensor([0]))):
+            keep = torch.zeros(table.weight.shape[0], dtype=torch.bool)
+            keep[rows] = True
+            table.weight.grad[~keep] = 0
     return model
 
 
@@ -223,6 +236,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--providers", default="community,torch,cpp")
+    ap.add_argument("--dense-grads", action="store_true",
+                    help="random gradient in every embedding row (default: only the rows of one 4x64 batch)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,7 +245,7 @@ def main():
     providers = args.providers.split(",")
     runners = {}
     for prov in providers:
-        model = make_model(dtype)  # one model per provider: the community restore re-points .data
+        model = make_model(dtype, args.dense_grads)  # one model per provider: the community restore re-points .data
         if prov == "community":
             runners[prov] = community_runners(model)
         else:
@@ -250,11 +265,12 @@ def main():
                 dt = time.perf_counter() - t0
                 if rep >= args.warmup:
                     times[(p, m)].append(dt)
-    model = make_model(dtype)
+    model = make_model(dtype, args.dense_grads)
     n_params = sum(p.numel() for p in model.parameters())
     n_awp = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, BERT-shaped "
-          f"{n_params / 1e6:.1f}M params (AWP perturbs {n_awp / 1e6:.1f}M), community = {community_classes()[3]}")
+          f"{n_params / 1e6:.1f}M params (AWP perturbs {n_awp / 1e6:.1f}M), embedding grads: {'dense' if args.dense_grads else 'rows of one 4x64 batch'}, "
+          f"community = {community_classes()[3]}")
     print(f"median of {args.reps} interleaved runs, ms (speed-up vs community)")
     head = f"{'method':8s}" + "".join(f"{p:>22s}" for p in providers)
     print(head)

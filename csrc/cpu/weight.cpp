@@ -175,9 +175,68 @@ inline void copy_chunk(const at::Tensor& dst, const at::Tensor& src, const Chunk
              src.numel() * es >= kStreamBytes);
 }
 
+// True if the 64 bytes at a and b differ in any bit (integer compare: NaN payloads, -0 count).
+inline bool line_differs(const void* a, const void* b) {
+#if defined(__SSE2__)
+  const char* x = static_cast<const char*>(a);
+  const char* y = static_cast<const char*>(b);
+  __m128i d = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)),
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)));
+  for (int k = 16; k < 64; k += 16) {
+    d = _mm_or_si128(d, _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)),
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(y + k))));
+  }
+  return _mm_movemask_epi8(_mm_cmpeq_epi8(d, _mm_setzero_si128())) != 0xFFFF;
+#else
+  return std::memcmp(a, b, 64) != 0;
+#endif
+}
+
+// dst <- src over one chunk, bit-exact, writing only the 64-byte lines that differ: after an
+// attack on an embedding most rows are unchanged (G = 0 there), and a line that is not written
+// costs no write back.  When every line differs this moves what an ordinary copy moves (the
+// destination line is read before it is written either way).
+inline void restore_chunk(const at::Tensor& dst, const at::Tensor& src, const Chunk& ch) {
+  const int64_t es = static_cast<int64_t>(src.element_size());
+  char* d = static_cast<char*>(dst.data_ptr()) + ch.begin * es;
+  const char* s = static_cast<const char*>(src.const_data_ptr()) + ch.begin * es;
+  const int64_t bytes = (ch.end - ch.begin) * es;
+  int64_t k = 0;
+  for (; k + 64 <= bytes; k += 64) {
+    if (line_differs(d + k, s + k)) std::memcpy(d + k, s + k, 64);
+  }
+  if (k < bytes) std::memcpy(d + k, s + k, static_cast<size_t>(bytes - k));
+}
+
 template <typename T>
 T* ptr(const at::Tensor& t, const Chunk& ch) {
   return static_cast<T*>(t.data_ptr()) + ch.begin;
+}
+
+// p[j] <- op(p[j], g[j], b[j]) over one chunk, storing a 64-byte line only when some bit of it
+// changes.  Why: on an embedding, the rows of tokens absent from the batch have G = 0 and come out
+// of every step bit for bit unchanged; not storing them leaves their cache lines clean (no write
+// back), and restore_ then finds them equal too.  Results are exactly those of storing every
+// element.  Without USE_B, op gets p in b's place and b is not read.
+// The new values are computed 2 KiB at a time into a stack buffer (a plain loop the compiler
+// vectorizes), then compared and stored line by line.
+template <bool USE_B, typename T, typename Op>
+inline void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, const Op& op) {
+  constexpr int L = 64 / static_cast<int>(sizeof(T));  // elements per 64-byte line
+  constexpr int BUF = 2048 / static_cast<int>(sizeof(T));
+  alignas(64) T nv[BUF];
+  for (int64_t j0 = 0; j0 < n; j0 += BUF) {
+    const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
+    const T* __restrict__ pj = p + j0;
+    const T* __restrict__ gj = g + j0;
+    const T* __restrict__ bj = (USE_B ? b : p) + j0;
+    for (int k = 0; k < m; ++k) nv[k] = op(pj[k], gj[k], bj[k]);
+    int k = 0;
+    for (; k + L <= m; k += L) {
+      if (line_differs(nv + k, p + j0 + k)) std::memcpy(p + j0 + k, nv + k, 64);
+    }
+    if (k < m) std::memcpy(p + j0 + k, nv + k, static_cast<size_t>(m - k) * sizeof(T));
+  }
 }
 
 void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -200,11 +259,11 @@ void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     if (!ok[i]) return;
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      T* __restrict__ p = ptr<T>(params[i], ch);
+      T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const opmath<T> f = static_cast<opmath<T>>(factor[i]);
       // n = +inf passes the guard: f = 0, so finite entries add 0 and inf entries give NaN.
-      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) p[j] = static_cast<T>(up(p[j]) + up(g[j]) * f);
+      update_lines<false>(p, g, p, ch.end - ch.begin, [f](T pv, T gv, T) { return static_cast<T>(up(pv) + up(gv) * f); });
     });
   });
 }
@@ -219,15 +278,15 @@ void fgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using M = opmath<T>;
-      T* __restrict__ p = ptr<T>(params[i], ch);
+      T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const M eps = static_cast<M>(epsilon);
       // sign as torch.sign computes it: (0 < g) - (g < 0), so sign(NaN) = 0 and sign(-0) = 0.
-      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
-        const M gv = up(g[j]);
+      update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gt, T) {
+        const M gv = up(gt);
         const M s = static_cast<M>(M(0) < gv) - static_cast<M>(gv < M(0));
-        p[j] = static_cast<T>(up(p[j]) + eps * s);
-      }
+        return static_cast<T>(up(pv) + eps * s);
+      });
     });
   });
 }
@@ -261,14 +320,14 @@ void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using M = opmath<T>;
-      T* __restrict__ p = ptr<T>(params[i], ch);
+      T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
       const M c = static_cast<M>(cs[i]), s = static_cast<M>(ss[i]);
-      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
-        const M bv = up(b[j]);
-        p[j] = static_cast<T>(bv + s * ((up(p[j]) - bv) + c * up(g[j])));
-      }
+      update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bt) {
+        const M bv = up(bt);
+        return static_cast<T>(bv + s * ((up(pv) - bv) + c * up(gv)));
+      });
     });
   });
 }
@@ -296,20 +355,20 @@ void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using M = opmath<T>;
-      T* __restrict__ p = ptr<T>(params[i], ch);
+      T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
       const M f = static_cast<M>(factor[i]);
       const M ae = static_cast<M>(adv_eps);
-      for (int64_t j = 0, n = ch.end - ch.begin; j < n; ++j) {
+      update_lines<true>(p, g, b, ch.end - ch.begin, [f, ae](T pv, T gv, T bt) {
         // The box as the reference computes it in P's dtype: each op rounded to T.
-        const M bv = up(b[j]);
+        const M bv = up(bt);
         const M ev = up(static_cast<T>(ae * std::abs(bv)));
         const M lo = up(static_cast<T>(bv - ev));
         const M hi = up(static_cast<T>(bv + ev));
-        const M v = up(p[j]) + up(g[j]) * f;
-        p[j] = static_cast<T>(nan_min(nan_max(v, lo), hi));
-      }
+        const M v = up(pv) + up(gv) * f;
+        return static_cast<T>(nan_min(nan_max(v, lo), hi));
+      });
     });
   });
 }
@@ -317,7 +376,7 @@ void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_lists("restore_", {{"params", params}, {"backups", backups}});
   const auto plan = plan_chunks(params);
-  for_each_chunk(plan, [&](int64_t, const Chunk& ch) { copy_chunk(params[ch.tensor], backups[ch.tensor], ch); });
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) { restore_chunk(params[ch.tensor], backups[ch.tensor], ch); });
 }
 
 }  // namespace

@@ -45,6 +45,15 @@ __device__ inline M nan_min(M a, M b) {
 // The zero/NaN guard of every norm-scaled step: n != 0 and n is not NaN (+inf passes).
 __device__ inline bool norm_ok(float n) { return n != 0.f && !(n != n); }
 
+// True if two 16-byte vectors differ in any bit (integer compare: -0 and NaN payloads count).
+template <typename VT>
+__device__ inline bool bits_differ(const VT& a, const VT& b) {
+  static_assert(sizeof(VT) == 16, "16-byte vectors");
+  const uint4 x = *reinterpret_cast<const uint4*>(&a);
+  const uint4 y = *reinterpret_cast<const uint4*>(&b);
+  return ((x.x ^ y.x) | (x.y ^ y.y) | (x.z ^ y.z) | (x.w ^ y.w)) != 0u;
+}
+
 template <typename T, int DEPTH>
 __device__ inline T* entry(const TensorListMeta<DEPTH>& meta, int list, int t, int64_t begin) {
   return static_cast<T*>(meta.addresses[list][t]) + begin;
@@ -72,9 +81,12 @@ __device__ inline void update_chunk(T* __restrict__ p, const T* __restrict__ g, 
     }
     if (apply) {
       const VT gv = reinterpret_cast<const VT*>(g)[j];
+      VT nv;
 #pragma unroll
-      for (int k = 0; k < V; ++k) pv.v[k] = op(pv.v[k], gv.v[k], bv.v[k]);
-      reinterpret_cast<VT*>(p)[j] = pv;
+      for (int k = 0; k < V; ++k) nv.v[k] = op(pv.v[k], gv.v[k], bv.v[k]);
+      // Store only when some bit changed: embedding rows of tokens absent from the batch have
+      // G = 0 and come out unchanged; skipping their stores saves that write traffic.
+      if (bits_differ(nv, pv)) reinterpret_cast<VT*>(p)[j] = nv;
     }
   }
   for (int64_t j = nv * V + threadIdx.x; j < n; j += blockDim.x) {
