@@ -421,3 +421,40 @@ def test_empty_lists_and_empty_tensors():
     e = [torch.empty(0), torch.empty(0, 3, dtype=torch.float16)]
     assert torch.equal(F.multi_tensor_sumsq(e), torch.zeros(2))
     F.awp_perturb_(e, clones(e), clones(e), torch.zeros(2), torch.zeros(2), 1.0, 0.2, True)
+
+
+# ---- row-sparse gradients (the embedding case) ---------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_sparse_grads_unchanged_rows_exact(dtype):
+    # The kernels skip storing 64-byte lines whose bits do not change (rows of tokens absent from
+    # the batch, G = 0).  That must be invisible: zero-grad rows come out exactly as the torch
+    # backend leaves them, including -0.0 entries (p + 0*f turns -0.0 into +0.0) and NaN entries.
+    rows, hidden = 301, 40
+    P = make([(rows, hidden)], dtype, 11)
+    P[0][5, :7] = -0.0
+    P[0][6, 3] = float("nan")
+    G = make([(rows, hidden)], dtype, 12)
+    live = torch.zeros(rows, dtype=torch.bool)
+    live[torch.tensor([3, 64, 65, 200])] = True
+    G[0][~live] = 0
+    gsq = ops.multi_tensor_sumsq(G, backend="torch")
+    for backend_out in ("fgm", "pgd"):
+        out, ref = clones(P), clones(P)
+        B, Br = [torch.empty_like(P[0])], [torch.empty_like(P[0])]
+        if backend_out == "fgm":
+            ops.fgm_perturb_(out, G, B, gsq, 0.5, True, backend="cpp")
+            ops.fgm_perturb_(ref, G, Br, gsq, 0.5, True, backend="torch")
+        else:
+            st = ops.pgd_reduce(P, G, B, True, backend="cpp")
+            ops.pgd_perturb_(out, G, B, st, 0.3, 1.0, True, backend="cpp")
+            ops.pgd_perturb_(ref, G, Br, st, 0.3, 1.0, True, backend="torch")
+        itype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[P[0].element_size()]
+        o, r = out[0][~live], ref[0][~live]
+        nan = torch.isnan(r)
+        assert torch.equal(torch.isnan(o), nan), backend_out  # NaN payloads may differ
+        assert torch.equal(o[~nan].view(itype), r[~nan].view(itype)), backend_out
+        assert torch.equal(o[~nan].view(itype), P[0][~live][~nan].abs().view(itype)
+                           .where(P[0][~live][~nan] == 0, P[0][~live][~nan].view(itype))), backend_out
+        assert not torch.equal(out[0][live], P[0][live])  # the live rows did move
+        ops.restore_(out, B, backend="cpp")
+        assert torch.equal(out[0].view(itype), P[0].view(itype))

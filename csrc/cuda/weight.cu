@@ -81,12 +81,12 @@ __device__ inline void update_chunk(T* __restrict__ p, const T* __restrict__ g, 
     }
     if (apply) {
       const VT gv = reinterpret_cast<const VT*>(g)[j];
-      VT nv;
+      VT out;
 #pragma unroll
-      for (int k = 0; k < V; ++k) nv.v[k] = op(pv.v[k], gv.v[k], bv.v[k]);
+      for (int k = 0; k < V; ++k) out.v[k] = op(pv.v[k], gv.v[k], bv.v[k]);
       // Store only when some bit changed: embedding rows of tokens absent from the batch have
       // G = 0 and come out unchanged; skipping their stores saves that write traffic.
-      if (bits_differ(nv, pv)) reinterpret_cast<VT*>(p)[j] = nv;
+      if (bits_differ(out, pv)) reinterpret_cast<VT*>(p)[j] = out;
     }
   }
   for (int64_t j = nv * V + threadIdx.x; j < n; j += blockDim.x) {
