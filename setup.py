@@ -46,8 +46,8 @@ def _extensions():
             f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, {len(cuda_sources)} .cu files)")
     use_cuda = can_cuda and want_cuda != "0"
 
-    # No -std flag: torch.utils.cpp_extension appends the standard its own headers need
-    # (c++17 up to torch 2.9, c++20 from 2.10; torch 2.13's headers fail under c++17).
+    # No -std flag: torch.utils.cpp_extension appends the standard its own headers need (and
+    # only when none is given): c++20 for torch 2.13, whose headers do not build as c++17.
     # -ffp-contract=off: no fused multiply-add contraction, so the element math rounds after
     # each op exactly as the torch backend does (fused_adv/_torch/weight.py).
     cxx = ["-O3", "-ffp-contract=off"]
