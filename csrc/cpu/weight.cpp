@@ -136,11 +136,12 @@ at::Tensor pgd_reduce_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 // ---- updates -----------------------------------------------------------------------------
-// Tensors at least this large are copied with non-temporal (streaming) stores: a backup is not
-// read again until restore, and an ordinary store first reads the destination line into cache
-// (read-for-ownership), so a plain copy moves 3 bytes per byte copied instead of 2.  Measured on
-// this 2-core VM, 31 MB fp32: FGM update + backup 33 ms with memcpy per chunk, 17.6 ms without
-// the backup.  Smaller tensors keep ordinary stores (they may still be in cache when used).
+// Tensors at least this large are backed up with non-temporal (streaming) stores: a backup is
+// not read again until restore, and an ordinary store first reads the destination line into
+// cache (read-for-ownership), so a plain copy moves 3 bytes per byte copied instead of 2.
+// (On the shared 2-core CI VM the gain was within its noise: the backup of a 31 MB fp32
+// embedding cost ~15 ms either way.)  Smaller tensors keep ordinary stores (they may still be
+// in cache when used).
 constexpr int64_t kStreamBytes = int64_t{1} << 20;
 
 // dst <- src, bit-exact (integer moves: NaN payloads and signed zeros are untouched).
@@ -227,10 +228,12 @@ inline void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, c
   alignas(64) T nv[BUF];
   for (int64_t j0 = 0; j0 < n; j0 += BUF) {
     const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
-    const T* __restrict__ pj = p + j0;
-    const T* __restrict__ gj = g + j0;
-    const T* __restrict__ bj = (USE_B ? b : p) + j0;
-    for (int k = 0; k < m; ++k) nv[k] = op(pj[k], gj[k], bj[k]);
+    {  // restrict-qualified views only while nothing is written through p
+      const T* __restrict__ pj = p + j0;
+      const T* __restrict__ gj = g + j0;
+      const T* __restrict__ bj = (USE_B ? b : p) + j0;
+      for (int k = 0; k < m; ++k) nv[k] = op(pj[k], gj[k], bj[k]);
+    }
     int k = 0;
     for (; k + L <= m; k += L) {
       if (line_differs(nv + k, p + j0 + k)) std::memcpy(p + j0 + k, nv + k, 64);
