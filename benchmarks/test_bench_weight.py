@@ -98,8 +98,7 @@ def test_bookkeeping(benchmark, set_dtype, method, provider):
             _COPY[key] = measure.copy_bandwidth(key[0], dtype, DEVICE, max_seconds=2.0)
         info["gbps"] = mbytes / med / 1e9
         info["pct_copy"] = 100 * (mbytes / med) / _COPY[key]
-        info["extra_mem_bytes"] = measure.peak_extra_memory(
-            lambda: (lambda c: (c.step, c.reset))(build_case(method, prov, model)), model, DEVICE)
+        info["extra_mem_bytes"] = measure.peak_extra_memory(build_case(method, prov, model), model, DEVICE)
     syncs = measure.count_host_syncs(case.step, DEVICE)
     if case.reset is not None:
         case.reset()

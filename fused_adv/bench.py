@@ -91,56 +91,29 @@ def run(device: str | torch.device = "cpu", sets=None, methods=None, providers=N
                 else:
                     skipped[pname] = why
     rows: list[dict] = []
+    errors: list[dict] = []
     copy_cache: dict[tuple[int, torch.dtype], float] = {}
     bar = tqdm(total=len(plan), desc="fused-adv bench", unit="case", disable=not progress)
     t_start = time.perf_counter()
     current_model = None
     for set_name, dtype, method, pname in plan:
-        shape_set = SHAPE_SETS[set_name]
         key = (set_name, dtype)
         if current_model is None or current_model[0] != key:
             current_model = None
             _free(device)
-            current_model = (key, ParamModel(shape_set, dtype, device, seed=seed))
+            current_model = (key, ParamModel(SHAPE_SETS[set_name], dtype, device, seed=seed))
         model = current_model[1]
         provider = PROVIDERS[pname]
         bar.set_postfix_str(f"{set_name}/{dtype_name(dtype)} {METHOD_LABELS[method]} {pname}")
-        numel = measure.perturbed_numel(method, shape_set)
-        if (numel, dtype) not in copy_cache:
-            copy_cache[(numel, dtype)] = measure.copy_bandwidth(numel, dtype, device, reps=reps,
-                                                                max_seconds=max_seconds)
-        copy_bps = copy_cache[(numel, dtype)]
-        weight_bytes = numel * torch.empty((), dtype=dtype).element_size()
-
-        extra = None
-        if memory:
-            _free(device)
-            extra = measure.peak_extra_memory(lambda: _built(method, provider, model), model, device)
-            _free(device)
-        case = build_case(method, provider, model)
-        times = measure.time_step(case.step, case.reset, device, warmup=warmup, reps=reps,
-                                  max_seconds=max_seconds)
-        n_syncs = None
-        if syncs:
-            if case.reset is not None:
-                case.reset()
-            n_syncs = measure.count_host_syncs(case.step, device)
-        if case.reset is not None:
-            case.reset()
-        del case
-        med = measure.median(times)
-        mbytes = measure.min_bytes(method, shape_set, dtype)
-        rows.append({
-            "set": set_name, "dtype": dtype_name(dtype), "case": f"{set_name}/{dtype_name(dtype)}",
-            "method": METHOD_LABELS[method], "method_key": method, "provider": pname,
-            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
-            "min_bytes": mbytes, "gbps": mbytes / med / 1e9, "copy_gbps": copy_bps / 1e9,
-            "pct_copy": 100.0 * (mbytes / med) / copy_bps,
-            "perturbed_params": numel, "perturbed_bytes": weight_bytes,
-            "extra_mem_bytes": extra, "extra_mem": report.human_bytes(extra),
-            "mem_ratio": None if extra is None or weight_bytes == 0 else extra / weight_bytes,
-            "host_syncs": n_syncs,
-        })
+        try:
+            rows.append(_measure_case(set_name, dtype, method, provider, model, device, copy_cache, reps=reps,
+                                      warmup=warmup, max_seconds=max_seconds, memory=memory, syncs=syncs))
+        except Exception as exc:  # one broken provider must not lose the rest of a long GPU run
+            errors.append({"case": f"{set_name}/{dtype_name(dtype)}", "method": METHOD_LABELS[method],
+                           "provider": pname, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            bar.write(f"error: {set_name}/{dtype_name(dtype)} {METHOD_LABELS[method]} {pname}: "
+                      f"{type(exc).__name__}: {exc}")
+            current_model = None  # its weights/grads may be left perturbed: rebuild
         bar.update(1)
     bar.close()
     current_model = None
@@ -154,7 +127,7 @@ def run(device: str | torch.device = "cpu", sets=None, methods=None, providers=N
         "device": report.device_name(device), "device_type": device.type,
         "device_slug": report.device_slug(device), "date": report.utc_now(),
         "versions": report.versions(), "backends": report.backends_summary(device),
-        "providers_skipped": skipped, "reps": reps, "warmup": warmup, "max_seconds_per_case": max_seconds,
+        "providers_skipped": skipped, "errors": errors, "reps": reps, "warmup": warmup, "max_seconds_per_case": max_seconds,
         "wall_seconds": round(time.perf_counter() - t_start, 1), "load_average": report.load_average(),
         "sets": {f"{n}/{dtype_name(d)}": {"params": SHAPE_SETS[n].numel, "tensors": len(SHAPE_SETS[n].params),
                                           "note": SHAPE_SETS[n].note} for n, d in sets},
@@ -162,7 +135,9 @@ def run(device: str | torch.device = "cpu", sets=None, methods=None, providers=N
             "step": "bookkeeping only (forward/backward excluded): FGM/FGSM attack+restore; PGD-3 "
                     "backup_grad + 3 attacks + restore_grad + restore; AWP attack_backward with a free "
                     "forward/backward (save, perturb, restore)",
-            "gbps": "minimum bytes of DESIGN.md §3 / median time",
+            "gbps": "minimum bytes of DESIGN.md §3 (full passes) / median time",
+            "grads": "N(0, 1e-3); the word-embedding gradient is nonzero on 2048 random rows only (a batch's "
+                     "distinct tokens), as in real fine-tuning",
             "pct_copy": "achieved GB/s / GB/s of a plain tensor copy of the perturbed bytes, same run",
             "extra_mem": ("torch.cuda.max_memory_allocated above the pre-adversary level, over building "
                           "the adversary and 2 steps" if device.type == "cuda" else
@@ -175,9 +150,46 @@ def run(device: str | torch.device = "cpu", sets=None, methods=None, providers=N
     return {"meta": meta, "rows": rows}
 
 
-def _built(method, provider, model):
+def _measure_case(set_name, dtype, method, provider, model, device, copy_cache, *, reps, warmup, max_seconds,
+                  memory, syncs) -> dict:
+    shape_set = SHAPE_SETS[set_name]
+    pname = provider.name
+    numel = measure.perturbed_numel(method, shape_set)
+    if (numel, dtype) not in copy_cache:
+        copy_cache[(numel, dtype)] = measure.copy_bandwidth(numel, dtype, device, reps=reps,
+                                                            max_seconds=max_seconds)
+    copy_bps = copy_cache[(numel, dtype)]
+    weight_bytes = numel * torch.empty((), dtype=dtype).element_size()
+
+    extra = None
+    if memory:
+        _free(device)
+        extra = measure.peak_extra_memory(build_case(method, provider, model), model, device)
+        _free(device)
     case = build_case(method, provider, model)
-    return case.step, case.reset
+    times = measure.time_step(case.step, case.reset, device, warmup=warmup, reps=reps,
+                              max_seconds=max_seconds)
+    n_syncs = None
+    if syncs:
+        if case.reset is not None:
+            case.reset()
+        n_syncs = measure.count_host_syncs(case.step, device)
+    if case.reset is not None:
+        case.reset()
+    del case
+    med = measure.median(times)
+    mbytes = measure.min_bytes(method, shape_set, dtype)
+    return {
+        "set": set_name, "dtype": dtype_name(dtype), "case": f"{set_name}/{dtype_name(dtype)}",
+        "method": METHOD_LABELS[method], "method_key": method, "provider": pname,
+        "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
+        "min_bytes": mbytes, "gbps": mbytes / med / 1e9, "copy_gbps": copy_bps / 1e9,
+        "pct_copy": 100.0 * (mbytes / med) / copy_bps,
+        "perturbed_params": numel, "perturbed_bytes": weight_bytes,
+        "extra_mem_bytes": extra, "extra_mem": report.human_bytes(extra),
+        "mem_ratio": None if extra is None or weight_bytes == 0 else extra / weight_bytes,
+        "host_syncs": n_syncs,
+    }
 
 
 def format_results(results: dict, *, markdown: bool = False) -> str:
@@ -198,6 +210,8 @@ def write_results(results: dict, out_dir: str, *, plot: bool = True) -> list[str
           f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, "
           f"fused_adv {v['fused_adv']} (commit {v.get('git_commit')})",
           f"- backends: " + ", ".join(f"{b}: {s}" for b, s in meta["backends"].items()),
+          f"- errors: " + ("; ".join(f"{e['case']} {e['method']} {e['provider']}: {e['error']}" for e in meta["errors"])
+                            or "none"),
           f"- providers not run: " + (", ".join(f"{k} ({w})" for k, w in meta["providers_skipped"].items())
                                       or "none"),
           f"- reps per case: {meta['reps']} (CPU cap {meta['max_seconds_per_case']} s per case), "
@@ -286,6 +300,8 @@ def main_args(args: argparse.Namespace) -> int:
     if meta["providers_skipped"]:
         print("not run: " + "; ".join(f"{k}: {w}" for k, w in meta["providers_skipped"].items()))
     print(format_results(results))
+    for e in meta["errors"]:
+        print(f"error: {e['case']} {e['method']} {e['provider']}: {e['error']}")
     if not args.no_save:
         out = args.out or os.path.join("benchmarks", "results", meta["device_slug"])
         paths = write_results(results, out, plot=not args.no_plot)

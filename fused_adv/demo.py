@@ -424,7 +424,7 @@ def plot_demo(res: dict, path: str) -> None:
 # command line
 # ---------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 50; --tiny 12)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 30; --tiny 12)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--val-size", type=int, default=None, help="held-out validation examples (default 256; --tiny 64)")
@@ -447,7 +447,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.steps is None:
-        args.steps = 12 if args.tiny else 50
+        args.steps = 12 if args.tiny else 30
     if args.val_size is None:
         args.val_size = 64 if args.tiny else 256
     if args.lr is None:

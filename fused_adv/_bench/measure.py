@@ -12,6 +12,8 @@
     PGD-3 step 0: 1 + 4; steps 1, 2: reduction (read P, B, G) + update (read P, G, B; write P)
           = 7 each; restore 2; gradient backup set aside, no copy: 21
     AWP   reduction (read G, P) + update (read P, G; write B, P) + restore = 8 (adv_step = 1)
+  Full passes are counted even though the word-embedding gradient is row-sparse (see
+  ParamModel): a kernel that skips stores of unchanged rows can exceed 100% of the copy rate.
 * Peak extra memory: CUDA ``max_memory_allocated`` over building the adversary and two steps,
   minus what was allocated before.  On CPU (no allocator statistics) :class:`StorageTracker`
   follows every tensor storage created by a dispatched op or already held by the model, with a
@@ -199,28 +201,27 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def peak_extra_memory(build: Callable[[], tuple[Callable, Callable | None]], model: torch.nn.Module,
-                      device: torch.device, steps: int = 2) -> int:
-    """Peak bytes allocated above what existed before ``build()`` made the adversary, over
-    ``steps`` steps (the first step allocates what the adversary keeps between steps)."""
+def peak_extra_memory(case, model: torch.nn.Module, device: torch.device, steps: int = 2) -> int:
+    """Peak bytes allocated above what existed before the first step of a freshly built
+    ``case`` (a :class:`~fused_adv._bench.providers.Case`), over ``steps`` steps: the first
+    step allocates what the adversary keeps between steps, the second shows the steady state.
+    The model's weights and grads and the case's stand-in gradients are not counted."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step, reset = build()
         for _ in range(steps):
-            if reset is not None:
-                reset()
-            step()
+            if case.reset is not None:
+                case.reset()
+            case.step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     tracker = StorageTracker()
     with tracker:
-        tracker.hold(model_tensors(model))
-        step, reset = build()
+        tracker.hold(model_tensors(model) + list(case.held))
         for _ in range(steps):
-            if reset is not None:
-                reset()
-            step()
+            if case.reset is not None:
+                case.reset()
+            case.step()
     return tracker.extra_peak

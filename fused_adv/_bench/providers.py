@@ -87,6 +87,7 @@ class Case:
     adversary: object
     step: Callable[[], None]
     reset: Callable[[], None] | None
+    held: list = dataclasses.field(default_factory=list)  # stand-in tensors (not adversary memory)
 
 
 def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
@@ -94,6 +95,7 @@ def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
     cls = provider.classes()[method]
     clean = model.grads()
     reset = None
+    held = []
     if method in ("fgm", "fgsm"):
         adv = cls(model)
 
@@ -105,6 +107,7 @@ def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
         emb = [p for n, p in model.named_parameters() if "word_embeddings" in n]
         # Stand-ins for the gradients the adversarial backward passes would produce.
         adv_grads = [[torch.randn_like(p).mul_(1e-3) for p in emb] for _ in range(PGD_K - 1)]
+        held = [g for gs in adv_grads for g in gs]
 
         def step():
             adv.backup_grad()
@@ -132,4 +135,4 @@ def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
 
         _dynamo.reset()
         step = torch.compile(step)
-    return Case(adv, step, reset)
+    return Case(adv, step, reset, held)

@@ -132,8 +132,16 @@ class _Output(tuple):
         return self[0]
 
 
+# Distinct tokens in a fine-tuning batch (e.g. 32 x 128 tokens of English text: ~1-2k distinct
+# ids): the word-embedding gradient is nonzero on that many rows only.
+EMBEDDING_ROWS = 2048
+
+
 class ParamModel(nn.Module):
     """Holds a parameter set under its real names; every parameter has a ``.grad``.
+
+    Gradients are N(0, 1e-3) except the word embedding's, which is nonzero on
+    ``embedding_rows`` random rows only (None: dense), as in a real batch.
 
     ``forward(input_ids=None, attention_mask=None, labels=None)`` returns a scalar loss whose
     backward touches no parameter (it is ``0 * a scalar leaf``): AWP's adversarial forward and
@@ -143,7 +151,7 @@ class ParamModel(nn.Module):
     """
 
     def __init__(self, shape_set: ShapeSet, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", seed: int = 0):
+                 device: str | torch.device = "cpu", seed: int = 0, embedding_rows: int | None = EMBEDDING_ROWS):
         super().__init__()
         device = torch.device(device)
         gen = torch.Generator(device=device)
@@ -157,8 +165,15 @@ class ParamModel(nn.Module):
                 mod = getattr(mod, part)
             p = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
             mod.register_parameter(leaf, nn.Parameter(p))
-        for p in self.parameters():
-            p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(1e-3).to(dtype)
+        for name, p in self.named_parameters():
+            g = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(1e-3)
+            if embedding_rows is not None and "word_embeddings" in name and p.shape[0] > embedding_rows:
+                # Only the rows of tokens present in the batch get a gradient (a real embedding
+                # gradient is row-sparse; kernels may skip stores where nothing changes).
+                keep = torch.zeros(p.shape[0], dtype=torch.bool, device=device)
+                keep[torch.randperm(p.shape[0], generator=gen, device=device)[:embedding_rows]] = True
+                g[~keep] = 0
+            p.grad = g.to(dtype)
         self._leaf = torch.zeros((), device=device, requires_grad=True)
         self.shape_set = shape_set
 
