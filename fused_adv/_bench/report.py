@@ -67,12 +67,13 @@ def device_name(device: torch.device) -> str:
 
 def device_slug(device: torch.device) -> str:
     device = torch.device(device)
+    def clean(name: str) -> str:
+        name = re.sub(r"\((R|TM)\)|\bCPU\b|@.*?GHz|\bprocessor\b", " ", name, flags=re.I)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
     if device.type == "cuda":
-        base = torch.cuda.get_device_name(device)
-    else:
-        base = f"cpu-{cpu_name()}-{os.cpu_count()}c"
-    base = re.sub(r"\((R|TM)\)|\bCPU\b|@.*?GHz|\bprocessor\b", " ", base, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")[:60]
+        return clean(torch.cuda.get_device_name(device))[:60]
+    return f"cpu-{clean(cpu_name())}-{os.cpu_count()}c"[:60]
 
 
 def versions() -> dict:
