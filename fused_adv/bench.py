@@ -281,11 +281,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main_args(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sets = parse_sets(args.sets, device, args.smoke)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     for m in methods or []:
