@@ -307,7 +307,7 @@ def _run_demo(args, device) -> dict:
 # ---------------------------------------------------------------------------------------------
 TABLE_COLUMNS = [("run", "run"), ("step_ms", "step ms"), ("overhead", "overhead"), ("peak", "peak mem"),
                  ("extra", "vs plain"), ("held", "adv buffers"), ("final_loss", "final loss"),
-                 ("val_acc", "val acc"), ("param_diff", "max|dP| vs ref"), ("loss_diff", "max|dloss| vs ref")]
+                 ("val_acc", "val acc"), ("param_diff", "max Δparam vs ref"), ("loss_diff", "max Δloss vs ref")]
 
 
 def table_rows(res: dict) -> list[dict]:
