@@ -7,7 +7,8 @@ triton) implements; keep them in step.  Per tensor i (P param, G grad, B backup)
   when stored, except AWP's box, which is rounded to P's dtype after each op exactly as the
   reference computes it in P's dtype (e = adv_eps*|B|, lo = B - e, hi = B + e);
 * per-tensor scalars (norms, factors) are float32 tensors on the device: the zero/NaN guard
-  ``ok = (n != 0) & !isnan(n)`` is a device-side select, never a host read.
+  ``ok = (n != 0) & !isnan(n)`` is a device-side select, never a host read.  A skipped tensor
+  is SELECTED unchanged (P stays bit for bit), not multiplied by a zero factor: 0 * NaN = NaN.
 
 No function here syncs the host.  Backups are written by ``copy_`` so they are bit-exact.
 """
@@ -63,8 +64,9 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
     # n = +inf is not skipped: factor 0, so finite entries get 0 and inf entries NaN (0*inf),
     # as the community class's eps*G/inf does.
     factor = torch.where(_guard(n), epsilon / n, torch.zeros_like(n))
+    ok = _guard(n)
     for i, (p, g) in enumerate(zip(params, grads)):
-        p.copy_(_acc(p) + _acc(g) * factor[i])
+        p.copy_(torch.where(ok[i], _acc(p) + _acc(g) * factor[i], p))
 
 
 def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) -> None:
