@@ -34,6 +34,7 @@ nothing but the small partials buffer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from typing import NamedTuple, Sequence
 
@@ -188,6 +189,15 @@ def plan(roles: Sequence[Sequence[Tensor]]) -> Plan:
     return result
 
 
+def quiet():
+    """Silences numpy's divide-by-zero warnings in the interpreter (1/0 = inf is then selected
+    away by the guards, exactly as on the GPU); a no-op context on the GPU."""
+    if interpreting():
+        import numpy as np
+        return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+    return contextlib.nullcontext()
+
+
 def partials(p: Plan, ncol: int) -> Tensor:
     """float64 [max(chunks, 1), ncol] scratch for phase 1 (never read before it is written)."""
     return torch.empty(max(p.n_chunks, 1), ncol, dtype=torch.float64, device=p.device)
@@ -216,17 +226,33 @@ def _finish_kernel(
     begin = tl.load(ranges + 2 * t)
     end = tl.load(ranges + 2 * t + 1)
     cols = tl.arange(0, NCOL_P2)
-    acc = tl.zeros([ROWS, NCOL_P2], tl.float64)
+    acc = tl.full([ROWS, NCOL_P2], 0, tl.float64)
     for r0 in range(begin, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         m = (rows < end)[:, None] & (cols < NCOL)[None, :]
         acc += tl.load(part + rows[:, None] * NCOL + cols[None, :], mask=m, other=0.0)
-    tl.store(out + t * NCOL + cols, tl.sum(acc, axis=0).to(tl.float32), mask=cols < NCOL)
+    tl.store(out + t * NCOL + cols, block_sum(acc, 0).to(tl.float32), mask=cols < NCOL)
 
 
 # ---- device helpers shared by the op families -------------------------------------------------
 
-@triton.jit
+def device_function(fn):
+    """``@triton.jit`` for a device (helper) function.  Under the interpreter the plain Python
+    function is used instead: the interpreter re-patches triton.language on every call of a
+    jitted helper (~7 ms each; it made every program instance ~50 ms), and the kernel's own patch,
+    active while the helper runs, already covers it.  Same source, same semantics."""
+    return fn if interpreting() else triton.jit(fn)
+
+
+@device_function
+def block_sum(x, AXIS: tl.constexpr):
+    """``tl.sum(x, AXIS)`` without tl.sum's jitted wrapper: under the interpreter every call of a
+    jitted function re-patches triton.language (~8 ms; tl.sum costs two).  Same reduction: the
+    standard sum combine, which the interpreter runs as one numpy sum."""
+    return tl.reduce(x, AXIS, tl.standard._sum_combine)
+
+
+@device_function
 def chunk_of(chunks, tens, TS: tl.constexpr, CHUNK: tl.constexpr):
     """This program's chunk: (pointer to its tensor's row in ``tens``, first element, count)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -236,7 +262,7 @@ def chunk_of(chunks, tens, TS: tl.constexpr, CHUNK: tl.constexpr):
     return row, start, count
 
 
-@triton.jit
+@device_function
 def role_ptr(row, ROLE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointer to the elements of role ROLE of a tensor row, typed as the unsigned integer of the
     element width: loads and stores move raw bits (bit-exact copies; bf16 rounding done by us)."""
@@ -252,7 +278,7 @@ def role_ptr(row, ROLE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr)
     return ptr
 
 
-@triton.jit
+@device_function
 def load_bits(ptr, offs, mask, MASKED: tl.constexpr):
     if MASKED:
         x = tl.load(ptr + offs, mask=mask, other=0)
@@ -261,7 +287,7 @@ def load_bits(ptr, offs, mask, MASKED: tl.constexpr):
     return x
 
 
-@triton.jit
+@device_function
 def store_bits(ptr, offs, x, mask, MASKED: tl.constexpr):
     if MASKED:
         tl.store(ptr + offs, x, mask=mask)
@@ -269,7 +295,7 @@ def store_bits(ptr, offs, x, mask, MASKED: tl.constexpr):
         tl.store(ptr + offs, x)
 
 
-@triton.jit
+@device_function
 def to_float(bits, KIND: tl.constexpr):
     """Raw bits -> the math dtype: float32, or float64 for float64 tensors (exact)."""
     if KIND == 2:    # bf16: the top half of a float32
@@ -283,7 +309,7 @@ def to_float(bits, KIND: tl.constexpr):
     return x
 
 
-@triton.jit
+@device_function
 def from_float(x, KIND: tl.constexpr):
     """Math dtype -> raw bits of KIND, rounded to nearest even.
 
@@ -304,7 +330,7 @@ def from_float(x, KIND: tl.constexpr):
     return bits
 
 
-@triton.jit
+@device_function
 def round_to(x, KIND: tl.constexpr):
     """x rounded to KIND's precision, kept in the math dtype (identity for fp32/fp64)."""
     if KIND == 2:

@@ -30,8 +30,18 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_adv._triton import multi_tensor as mt
-from fused_adv._triton.multi_tensor import (chunk_of, from_float, load_bits, role_ptr, round_to,
+from fused_adv._triton.multi_tensor import (block_sum, chunk_of, device_function, from_float, load_bits, role_ptr, round_to,
                                             store_bits, to_float)
+
+
+def _eager(fn):
+    """Runs the launcher eagerly under torch.compile (a clean graph break): the launch tables are
+    built from real ``data_ptr()`` addresses, which fake tensors do not have, so these launchers
+    cannot be traced (``torch.library.triton_op`` needs traceable launchers).  The compiled path
+    for these ops is torch.ops.fused_adv.* with its fake impls."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
 
 # op codes (constexpr)
 SUMSQ, PGD_STATS = 0, 1
@@ -40,7 +50,7 @@ FGM, FGSM, PGD, AWP = 0, 1, 2, 3
 
 # ---- phase 1 of the reductions ----------------------------------------------------------------
 
-@triton.jit
+@device_function
 def _reduce_tile(xp, gp, bp, offs, mask, acc0, acc1, acc2,
                  OP: tl.constexpr, FIRST: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr):
     if OP == 0:  # SUMSQ: xp is the only role
@@ -80,7 +90,7 @@ def _reduce_kernel(
     else:
         gp = role_ptr(row, 1, KIND, ALIGNED)
         bp = role_ptr(row, 2, KIND, ALIGNED)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.full([BLOCK], 0, tl.float32)  # (tl.zeros is a jitted wrapper: slow in the interpreter)
     if KIND == 3:  # float64 tensors accumulate in float64 (as the torch backend)
         acc0 = acc0.to(tl.float64)
     acc1 = acc0
@@ -95,43 +105,47 @@ def _reduce_kernel(
         acc0, acc1, acc2 = _reduce_tile(xp, gp, bp, offs, offs < start + count, acc0, acc1, acc2,
                                         OP, FIRST, KIND, True)
     out = part + (chunk_base + tl.program_id(0).to(tl.int64)) * NCOL
-    tl.store(out, tl.sum(acc0).to(tl.float64))
+    tl.store(out, block_sum(acc0, 0).to(tl.float64))
     if OP == 1:
-        tl.store(out + 1, tl.sum(acc1).to(tl.float64))
-        tl.store(out + 2, tl.sum(acc2).to(tl.float64))
+        tl.store(out + 1, block_sum(acc1, 0).to(tl.float64))
+        tl.store(out + 2, block_sum(acc2, 0).to(tl.float64))
 
 
-def _reduce(roles, op: int, first: bool, ncol: int) -> Tensor:
-    p = mt.plan(roles)
+def _reduce_plan(p: mt.Plan, op: int, first: bool) -> Tensor:
+    """Both phases of a reduction over a plan (roles: [X] for SUMSQ, [P, G, B] for PGD_STATS)."""
+    ncol = 1 if op == SUMSQ else 3
     part = mt.partials(p, ncol)
-    ts = 2 + len(roles)
-    for g in p.groups:
-        if g.n_chunks == 0:  # only empty tensors: their ranges are empty, phase 2 gives 0
-            continue
-        _reduce_kernel[(g.n_chunks,)](
-            g.chunks, g.tens, part, g.chunk_base, OP=op, FIRST=first, KIND=g.kind, ALIGNED=g.aligned,
-            CHUNK=g.config.chunk, BLOCK=g.config.block, TS=ts, NCOL=ncol, num_warps=g.config.num_warps)
-    return mt.finish(p, part, ncol)
+    with mt.quiet():
+        for g in p.groups:
+            if g.n_chunks == 0:  # only empty tensors: their ranges are empty, phase 2 gives 0
+                continue
+            _reduce_kernel[(g.n_chunks,)](
+                g.chunks, g.tens, part, g.chunk_base, OP=op, FIRST=first, KIND=g.kind, ALIGNED=g.aligned,
+                CHUNK=g.config.chunk, BLOCK=g.config.block, TS=g.tens.shape[1], NCOL=ncol,
+                num_warps=g.config.num_warps)
+        return mt.finish(p, part, ncol)
 
 
+@_eager
 def multi_tensor_sumsq(tensors: list[Tensor]) -> Tensor:
     """float32[N]: sum of squares of each tensor (fp32 accumulation, fp64 for fp64 tensors).
     Two launches (one per dtype group, then one for phase 2) whatever N is."""
     if not tensors:
         return torch.empty(0, dtype=torch.float32)
-    return _reduce([tensors], SUMSQ, False, 1).view(-1)
+    return _reduce_plan(mt.plan([tensors]), SUMSQ, False).view(-1)
 
 
+@_eager
 def pgd_reduce(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], first: bool) -> Tensor:
     """float32[N, 3]: (||G||^2, <P-B, G>, ||P-B||^2); columns 1-2 are 0 (P, B unread) when first."""
     if not params:
         return torch.empty(0, 3, dtype=torch.float32)
-    return _reduce([params, grads, backups], PGD_STATS, bool(first), 3)
+    return _reduce_plan(mt.plan([params, grads, backups]), PGD_STATS, bool(first))
 
 
 # ---- the update pass ------------------------------------------------------------------------
 
-@triton.jit
+@device_function
 def _update_tile(pp, gp, bp, offs, mask, ok, fa, fb, eps,
                  OP: tl.constexpr, WRITE_B: tl.constexpr, GUARD: tl.constexpr, KIND: tl.constexpr,
                  MASKED: tl.constexpr):
@@ -226,7 +240,7 @@ def _update_kernel(
     if KIND == 3:
         # (0.0 + hi) + mid + lo: promotes the float32 parts to float64 (also in the interpreter,
         # where scalar args stay Python floats)
-        eps = tl.zeros([], tl.float64) + E_HI + E_MID + E_LO
+        eps = tl.full([], 0, tl.float64) + E_HI + E_MID + E_LO
     else:
         eps = E_HI
     n_full = count // BLOCK
@@ -247,21 +261,27 @@ def _split3(x: float) -> tuple[float, float, float]:
     return float(hi), float(mid), float(lo)
 
 
-def _update(params, grads, backups, op: int, write_b: bool, s0: Tensor | None = None,
-            s1: Tensor | None = None, f0: float = 0.0, f1: float = 0.0, e: float = 0.0) -> None:
-    p = mt.plan([params, grads, backups])
+def _update_plan(p: mt.Plan, op: int, write_b: bool, s0: Tensor | None = None,
+                 s1: Tensor | None = None, f0: float = 0.0, f1: float = 0.0, e: float = 0.0) -> None:
+    """The update pass over a plan with roles [P, G, B]: one launch per dtype group."""
     s0 = p.table if s0 is None else s0  # unused stat pointers still need a tensor argument
     s1 = p.table if s1 is None else s1
     e_hi, e_mid, e_lo = _split3(e)
-    for g in p.groups:
-        if g.n_chunks == 0:
-            continue
-        _update_kernel[(g.n_chunks,)](
-            g.chunks, g.tens, s0, s1, float(f0), float(f1), e_hi, e_mid, e_lo,
-            OP=op, WRITE_B=bool(write_b), KIND=g.kind, ALIGNED=g.aligned,
-            CHUNK=g.config.chunk, BLOCK=g.config.block, num_warps=g.config.num_warps)
+    with mt.quiet():
+        for g in p.groups:
+            if g.n_chunks == 0:
+                continue
+            _update_kernel[(g.n_chunks,)](
+                g.chunks, g.tens, s0, s1, float(f0), float(f1), e_hi, e_mid, e_lo,
+                OP=op, WRITE_B=bool(write_b), KIND=g.kind, ALIGNED=g.aligned,
+                CHUNK=g.config.chunk, BLOCK=g.config.block, num_warps=g.config.num_warps)
 
 
+def _update(params, grads, backups, op: int, write_b: bool, **scalars) -> None:
+    _update_plan(mt.plan([params, grads, backups]), op, write_b, **scalars)
+
+
+@_eager
 def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, write_backup: bool) -> None:
     """If write_backup: B <- P.  P <- P + G * (epsilon / sqrt(grad_sumsq[i])) unless that norm is 0
     or NaN (then P is not written).  One launch per dtype group."""
@@ -269,12 +289,14 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
         _update(params, grads, backups, FGM, write_backup, s0=grad_sumsq, f0=epsilon)
 
 
+@_eager
 def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) -> None:
     """If write_backup: B <- P.  P <- P + epsilon * sign(G)."""
     if params:
         _update(params, grads, backups, FGSM, write_backup, f0=epsilon, e=epsilon)
 
 
+@_eager
 def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
     """If first: B <- P.  P <- B + s * ((P - B) + c * G), c = alpha/||G||, s = min(1, eps/||r||)
     from ``stats`` (pgd_reduce); tensors with ||G|| 0 or NaN are not written."""
@@ -282,6 +304,7 @@ def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: f
         _update(params, grads, backups, PGD, first, s0=stats, f0=alpha, f1=epsilon)
 
 
+@_eager
 def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor,
                  adv_lr: float, adv_eps: float, first: bool) -> None:
     """If first: B <- P.  P <- min(max(P + adv_lr*G/(||G||+1e-6)*(||P||+1e-6), lo), hi) with
@@ -316,11 +339,15 @@ def _restore_kernel(
         store_bits(pp, offs, load_bits(bp, offs, m, True), m, True)
 
 
+@_eager
 def restore_(params, backups) -> None:
     """P <- B for every pair, bit-exact (raw bits).  One launch per dtype group."""
-    if not params:
-        return
-    p = mt.plan([params, backups])
+    if params:
+        _restore_plan(mt.plan([params, backups]))
+
+
+def _restore_plan(p: mt.Plan) -> None:
+    """The copy pass over a plan with roles [P, B]."""
     for g in p.groups:
         if g.n_chunks:
             _restore_kernel[(g.n_chunks,)](g.chunks, g.tens, KIND=g.kind, ALIGNED=g.aligned,
