@@ -149,14 +149,16 @@ def pgd_reduce(params: list[Tensor], grads: list[Tensor], backups: list[Tensor],
 def _update_tile(pp, gp, bp, offs, mask, ok, fa, fb, eps,
                  OP: tl.constexpr, WRITE_B: tl.constexpr, GUARD: tl.constexpr, KIND: tl.constexpr,
                  MASKED: tl.constexpr):
-    pbits = load_bits(pp, offs, mask, MASKED)
     if WRITE_B:  # raw-bit backup, taken whether or not the tensor is updated
+        pbits = load_bits(pp, offs, mask, MASKED)
         store_bits(bp, offs, pbits, mask, MASKED)
     if GUARD:
         do = ok
     else:
         do = True
-    if do:
+    if do:  # a skipped tensor (guard false) is neither read nor written (beyond its backup)
+        if not WRITE_B:
+            pbits = load_bits(pp, offs, mask, MASKED)
         p = to_float(pbits, KIND)
         g = to_float(load_bits(gp, offs, mask, MASKED), KIND)
         if OP == 0:    # FGM: fa = eps / ||G||
