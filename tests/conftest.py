@@ -3,6 +3,8 @@
 Triton kernels run on CPU under the Triton interpreter; TRITON_INTERPRET must be set before
 triton is first imported, so it is set here, before any test module imports fused_adv.
 """
+from __future__ import annotations
+
 import os
 import sys
 

@@ -57,17 +57,21 @@ def test_fp32_tiny_bert_training_matches_reference(method, device_backend):
                            run(method, fused_model, fused=True, backend=backend, vocab=64, steps=2), names)
 
 
+@pytest.mark.parametrize("model_kind", ["toy", "bert"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", METHODS)
-def test_low_precision_training_within_tolerance_rule(method, dtype, device_backend):
+def test_low_precision_training_within_tolerance_rule(method, dtype, model_kind, device_backend):
     device, backend = device_backend
+    if model_kind == "bert" and backend == "triton" and device == "cpu" and method == "awp":
+        pytest.skip("AWP over every BERT weight: too many interpreter programs for CI; covered on the toy model")
     torch.manual_seed(1)
-    base = ToyBert()
-    oracle = run(method, copy.deepcopy(base).double().to(device), fused=False)
-    ref = run(method, copy.deepcopy(base).to(device, dtype), fused=False)
-    fus = run(method, copy.deepcopy(base).to(device, dtype), fused=True, backend=backend)
+    base = ToyBert() if model_kind == "toy" else tiny_bert_cls(num_labels=3)
+    kw = {} if model_kind == "toy" else {"vocab": 64, "steps": 2}
+    oracle = run(method, copy.deepcopy(base).double().to(device), fused=False, **kw)
+    ref = run(method, copy.deepcopy(base).to(device, dtype), fused=False, **kw)
+    fus = run(method, copy.deepcopy(base).to(device, dtype), fused=True, backend=backend, **kw)
     names = [n for n, _ in base.named_parameters()]
-    for step in range(STEPS):
+    for step in range(len(oracle)):
         for name, o, r, f in zip(names, oracle[step], ref[step], fus[step]):
             assert_close_to_oracle(f, r, o, what=f"{method} {dtype} step {step} {name}")
 
