@@ -9,8 +9,8 @@ its docstrings).  Per tensor i (P param, G grad, B backup), with all element mat
 * fgm_perturb_:  [B <- P]; P <- P + G * (eps / ||G||) if ||G|| is neither 0 nor NaN
                                                     reads P, G; writes [B], P         (3 or 4)
 * fgsm_perturb_: [B <- P]; P <- P + eps * sign(G)   reads P, G; writes [B], P         (3 or 4)
-* pgd_perturb_:  [B <- P]; P <- B + s * ((P - B) + c * G), c = alpha/||G||, s the analytic
-                 projection factor from ``stats``   reads P, G, (B unless first); writes [B], P (4)
+* pgd_perturb_:  [B <- P]; P <- B + s * (P + c * G - B) (torch.lerp's formula), c = alpha/||G||,
+                 s the analytic projection factor from ``stats``   reads P, G, (B unless first); writes [B], P (4)
 * awp_perturb_:  [B <- P]; P <- clamp(P + G * f, lo, hi), box from B, NaN-propagating
                                                     reads P, G, (B unless first); writes [B], P (4)
 * restore_:      P <- B, raw bits                   reads B; writes P                 (2)
@@ -166,12 +166,14 @@ def _update_tile(pp, gp, bp, offs, mask, ok, fa, fb, eps,
         elif OP == 1:  # FGSM: sign as torch.sign (sign(0) = sign(NaN) = 0)
             sgn = (g > 0).to(g.dtype) - (g < 0).to(g.dtype)
             new = p + eps * sgn
-        elif OP == 2:  # PGD: fa = c, fb = s;  B == P bit for bit on the first step
-            if WRITE_B:
-                b = p
-            else:
+        elif OP == 2:  # PGD: fa = c, fb = s.  P <- B + s*(P + c*G - B), as the torch backend:
+            if WRITE_B:  # first step, B == P: P + (s*c)*G
+                new = p + g * (fb * fa)
+            else:        # torch.lerp(B, P + c*G, s): exact P + c*G when s == 1 (no projection)
                 b = to_float(load_bits(bp, offs, mask, MASKED), KIND)
-            new = b + fb * ((p - b) + fa * g)
+                end = p + g * fa
+                diff = end - b
+                new = tl.where(fb < 0.5, b + fb * diff, end - diff * (1.0 - fb))
         else:          # AWP: fa = adv_lr*(||P||+1e-6)/(||G||+1e-6); box from B rounded like the reference
             if WRITE_B:
                 b = p
@@ -300,7 +302,7 @@ def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) ->
 
 @_eager
 def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
-    """If first: B <- P.  P <- B + s * ((P - B) + c * G), c = alpha/||G||, s = min(1, eps/||r||)
+    """If first: B <- P.  P <- B + s * (P + c * G - B), c = alpha/||G||, s = min(1, eps/||r||)
     from ``stats`` (pgd_reduce); tensors with ||G|| 0 or NaN are not written."""
     if params:
         _update(params, grads, backups, PGD, first, s0=stats, f0=alpha, f1=epsilon)
