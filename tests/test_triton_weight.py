@@ -307,6 +307,37 @@ def test_fp64_scalars_are_exact():
     assert not bit_equal(outs[0], P[0] + float(torch.tensor(0.1, dtype=torch.float32)) * torch.sign(G[0]))
 
 
+@pytest.mark.parametrize("op", ["sumsq", "pgd_reduce", "fgm", "fgsm", "pgd", "awp", "restore"])
+def test_many_chunks_per_tensor(op, monkeypatch):
+    """Tensors split over many programs (chunk starts > 0, a tail chunk, phase 2 looping over
+    several partial rows of several tensors side by side).  Under the interpreter the chunk size
+    is forced down to 64 elements so that small tensors have up to 47 chunks."""
+    from fused_adv._triton import multi_tensor as mt
+    monkeypatch.setattr(mt, "_INTERP_MAX_BLOCK", 64)
+    monkeypatch.setattr(mt, "_CACHE", type(mt._CACHE)())  # plans made with the usual chunk size
+    shapes = [(3001,), (64,), (1,), (0,), (65,), (20, 30)]
+    P, G, B = make(torch.float32, shapes=shapes, seed=12)
+    if DEVICE == "cpu":
+        plan = mt.plan([P, G, B])
+        assert plan.groups[0].config.chunk == 64 and plan.n_chunks == 47 + 1 + 1 + 2 + 10
+    if op in ("sumsq", "pgd_reduce"):
+        fused = (ops.multi_tensor_sumsq(G, backend="triton") if op == "sumsq"
+                 else ops.pgd_reduce(P, G, B, False, backend="triton")[:, 2])
+        ref = (ops.multi_tensor_sumsq(G, backend="torch") if op == "sumsq"
+               else ops.pgd_reduce(P, G, B, False, backend="torch")[:, 2])
+        oracle = o_sumsq([g.cpu() for g in G]) if op == "sumsq" else o_sumsq([(p - b).cpu() for p, b in zip(P, B)])
+        assert_close_to_oracle(fused.cpu(), ref.cpu(), oracle, op)
+    elif op == "restore":
+        Pc = clone(P)
+        ops.restore_(Pc, B, backend="triton")
+        assert all(bit_equal(p, b) for p, b in zip(Pc, B))
+    else:
+        P_t, B_t = run_update(op, "triton", P, G, B, True)
+        P_r, _ = run_update(op, "torch", P, G, B, True)
+        check(P_t, P_r, oracle_update(op, [p.cpu() for p in P], [g.cpu() for g in G], [b.cpu() for b in B], True), op)
+        assert all(bit_equal(b, p) for b, p in zip(B_t, P))
+
+
 # ---- special gradients: zero, NaN, inf --------------------------------------------------------
 
 @pytest.mark.parametrize("op", ["fgm", "fgsm", "pgd", "awp"])

@@ -19,6 +19,10 @@ import sys
 import time
 
 
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def variants(all_variants: bool):
     """(name, kernel, signature, constexprs, expect_vector_loads) for each variant."""
     from fused_adv._triton import multi_tensor as mt
@@ -44,8 +48,11 @@ def variants(all_variants: bool):
                 out.append((f"reduce[{oname},{tag}]", w._reduce_kernel, reduce_sig,
                             dict(OP=op, FIRST=first, TS=ts, NCOL=ncol, **common), aligned, cfg.num_warps))
             out.append((f"restore[{tag}]", w._restore_kernel, restore_sig, common, aligned, cfg.num_warps))
-    out.append(("finish[ncol=3]", mt._finish_kernel, {"ranges": "*i64", "part": "*fp64", "out": "*fp32"},
-                dict(NCOL=3, NCOL_P2=4, ROWS=mt.FINISH_ROWS), False, 4))
+    for ncol in (1, 3):
+        out.append((f"finish[ncol={ncol}]", mt._finish_kernel,
+                    {"ranges": "*i64", "part": "*fp64", "out": "*fp32", "n": "i32"},
+                    dict(NCOL=ncol, NCOL_P2=triton_next_pow2(ncol), TPB=mt.FINISH_TENSORS, ROWS=mt.FINISH_ROWS),
+                    False, 4))
     return out
 
 

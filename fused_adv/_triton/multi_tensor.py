@@ -61,8 +61,9 @@ _GPU_TILES_PER_CHUNK = 8
 # group (at least 16, at most 2**18 so that a 2**31-element tensor is 8192 programs).
 _INTERP_MIN_BLOCK = 16
 _INTERP_MAX_BLOCK = 1 << 18
-# Phase 2: partial rows summed per iteration.
-FINISH_ROWS = 256
+# Phase 2: tensors per program and partial rows per tensor per iteration (GPU; interpreter).
+FINISH_TENSORS, FINISH_ROWS = 16, 32
+FINISH_TENSORS_INTERP, FINISH_ROWS_INTERP = 256, 4
 
 
 def interpreting() -> bool:
@@ -206,8 +207,10 @@ def partials(p: Plan, ncol: int) -> Tensor:
 def finish(p: Plan, part: Tensor, ncol: int) -> Tensor:
     """Phase 2: float32 [N, ncol], row i = sum of tensor i's partial rows, in a fixed order."""
     out = torch.empty(p.n, ncol, dtype=torch.float32, device=p.device)
-    _finish_kernel[(p.n,)](p.ranges, part, out, NCOL=ncol, NCOL_P2=triton.next_power_of_2(ncol),
-                           ROWS=FINISH_ROWS, num_warps=4)
+    tpb, rows = (FINISH_TENSORS_INTERP, FINISH_ROWS_INTERP) if interpreting() else (FINISH_TENSORS, FINISH_ROWS)
+    _finish_kernel[(triton.cdiv(p.n, tpb),)](
+        p.ranges, part, out, p.n, NCOL=ncol, NCOL_P2=triton.next_power_of_2(ncol), TPB=tpb, ROWS=rows,
+        num_warps=4)
     return out
 
 
@@ -216,22 +219,30 @@ def _finish_kernel(
     ranges,                   # int64 [N, 2]: partial rows [begin, end) of each tensor
     part,                     # float64 [rows, NCOL]: phase-1 partial sums
     out,                      # float32 [N, NCOL]: the per-tensor sums (written)
+    n,                        # N
     NCOL: tl.constexpr,       # columns per partial row
     NCOL_P2: tl.constexpr,    # NCOL rounded up to a power of two (tile width)
-    ROWS: tl.constexpr,       # partial rows summed per iteration
+    TPB: tl.constexpr,        # tensors per program
+    ROWS: tl.constexpr,       # partial rows per tensor summed per iteration
 ):
-    # one program per tensor; the summation order depends only on the tensor's chunk count and
-    # ROWS, so results are bitwise reproducible run to run
-    t = tl.program_id(0).to(tl.int64)
-    begin = tl.load(ranges + 2 * t)
-    end = tl.load(ranges + 2 * t + 1)
+    # each program sums TPB tensors side by side (most tensors have one or a few chunks; the
+    # interpreter pays per tl op, not per element).  A tensor's summation order depends only on
+    # its own chunk count, ROWS and the compiled reduction tree: bitwise reproducible.
+    t = tl.program_id(0).to(tl.int64) * TPB + tl.arange(0, TPB)
+    tm = t < n
+    begin = tl.load(ranges + 2 * t, mask=tm, other=0)
+    count = tl.load(ranges + 2 * t + 1, mask=tm, other=0) - begin
+    most = tl.reduce(count, 0, tl.standard._elementwise_max)  # (tl.max's jitted wrapper is slow to interpret)
+    rows = tl.arange(0, ROWS)
     cols = tl.arange(0, NCOL_P2)
-    acc = tl.full([ROWS, NCOL_P2], 0, tl.float64)
-    for r0 in range(begin, end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        m = (rows < end)[:, None] & (cols < NCOL)[None, :]
-        acc += tl.load(part + rows[:, None] * NCOL + cols[None, :], mask=m, other=0.0)
-    tl.store(out + t * NCOL + cols, block_sum(acc, 0).to(tl.float32), mask=cols < NCOL)
+    acc = tl.full([TPB, ROWS, NCOL_P2], 0, tl.float64)
+    for r0 in range(0, most, ROWS):
+        r = r0 + rows
+        m = (r[None, :] < count[:, None])[:, :, None] & (cols < NCOL)[None, None, :]
+        offs = (begin[:, None] + r[None, :])[:, :, None] * NCOL + cols[None, None, :]
+        acc += tl.load(part + offs, mask=m, other=0.0)
+    tot = block_sum(acc, 1)
+    tl.store(out + t[:, None] * NCOL + cols[None, :], tot.to(tl.float32), mask=tm[:, None] & (cols < NCOL)[None, :])
 
 
 # ---- device helpers shared by the op families -------------------------------------------------
