@@ -232,7 +232,7 @@ def _finish_kernel(
     tm = t < n
     begin = tl.load(ranges + 2 * t, mask=tm, other=0)
     count = tl.load(ranges + 2 * t + 1, mask=tm, other=0) - begin
-    most = tl.reduce(count, 0, tl.standard._elementwise_max)  # (tl.max's jitted wrapper is slow to interpret)
+    most = block_max(count, 0)
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, NCOL_P2)
     acc = tl.full([TPB, ROWS, NCOL_P2], 0, tl.float64)
@@ -255,12 +255,31 @@ def device_function(fn):
     return fn if interpreting() else triton.jit(fn)
 
 
-@device_function
-def block_sum(x, AXIS: tl.constexpr):
-    """``tl.sum(x, AXIS)`` without tl.sum's jitted wrapper: under the interpreter every call of a
-    jitted function re-patches triton.language (~8 ms; tl.sum costs two).  Same reduction: the
-    standard sum combine, which the interpreter runs as one numpy sum."""
-    return tl.reduce(x, AXIS, tl.standard._sum_combine)
+# tl.sum / tl.max are jitted wrappers around tl.reduce: under the interpreter every call of a
+# jitted function re-patches triton.language (~8 ms; tl.sum costs two), while tl.reduce with the
+# standard combine functions runs as one numpy call.  Same reduction on the GPU.  The combine
+# functions are private names of triton.language.standard, so fall back to the wrappers if a
+# triton version lacks them.
+if hasattr(tl.standard, "_sum_combine") and hasattr(tl.standard, "_elementwise_max"):
+    @device_function
+    def block_sum(x, AXIS: tl.constexpr):
+        """tl.sum(x, AXIS)"""
+        return tl.reduce(x, AXIS, tl.standard._sum_combine)
+
+    @device_function
+    def block_max(x, AXIS: tl.constexpr):
+        """tl.max(x, AXIS)"""
+        return tl.reduce(x, AXIS, tl.standard._elementwise_max)
+else:  # pragma: no cover - older/newer triton without the private combine functions
+    @device_function
+    def block_sum(x, AXIS: tl.constexpr):
+        """tl.sum(x, AXIS)"""
+        return tl.sum(x, AXIS)
+
+    @device_function
+    def block_max(x, AXIS: tl.constexpr):
+        """tl.max(x, AXIS)"""
+        return tl.max(x, AXIS)
 
 
 @device_function
