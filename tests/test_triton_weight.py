@@ -372,14 +372,13 @@ def mixed_set(n=131, seed=6):
         dt = dtypes[i % 3]
         numel = [1, 0, 17, 64, 5, 129][i % 6]
         if i % 10 == 9:  # misaligned: 4 or 2 bytes past an aligned allocation
-            p = torch.randn(numel + 1, generator=gen).to(dt)[1:]
+            p = torch.randn(numel + 1, generator=gen).to(dt).to(DEVICE)[1:]
         else:
-            p = torch.randn(numel, generator=gen).to(dt)
-        P.append(p.to(DEVICE) if DEVICE == "cpu" else p.to(DEVICE))
+            p = torch.randn(numel, generator=gen).to(dt).to(DEVICE)
+        P.append(p)
         G.append(torch.randn(numel, generator=gen).to(dt).to(DEVICE))
         B.append(torch.empty_like(G[-1]))
-    if DEVICE == "cpu":
-        assert any(p.data_ptr() % 16 for p in P)
+    assert any(p.data_ptr() % 16 for p in P)
     return P, G, B
 
 

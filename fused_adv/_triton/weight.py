@@ -4,16 +4,20 @@ Same names, signatures and math as fused_adv._torch.weight (the statement of the
 its docstrings).  Per tensor i (P param, G grad, B backup), with all element math in float32
 (float64 tensors: float64) and one rounding to P's dtype on store:
 
-* multi_tensor_sumsq: sum(X^2)                                   reads X              (1 pass)
-* pgd_reduce:  (G.G, (P-B).G, (P-B).(P-B)); first: (G.G, 0, 0)   reads G (, P, B)     (1 or 3)
-* fgm_perturb_:  [B <- P]; P <- P + G * (eps / ||G||) if ||G|| is neither 0 nor NaN
-                                                    reads P, G; writes [B], P         (3 or 4)
-* fgsm_perturb_: [B <- P]; P <- P + eps * sign(G)   reads P, G; writes [B], P         (3 or 4)
-* pgd_perturb_:  [B <- P]; P <- B + s * (P + c * G - B) (torch.lerp's formula), c = alpha/||G||,
-                 s the analytic projection factor from ``stats``   reads P, G, (B unless first); writes [B], P (4)
-* awp_perturb_:  [B <- P]; P <- clamp(P + G * f, lo, hi), box from B, NaN-propagating
+* multi_tensor_sumsq: sum(X^2)                                   reads X               (1 pass)
+* pgd_reduce:    (G.G, (P-B).G, (P-B).(P-B)); first: (G.G, 0, 0) reads G (, P, B)      (1 or 3)
+* fgm_perturb_:  [B <- P]; P <- P + G * (eps / ||G||) unless ||G|| is 0 or NaN
+                                                    reads P, G; writes [B], P          (3 or 4)
+* fgsm_perturb_: [B <- P]; P <- P + eps * sign(G)   reads P, G; writes [B], P          (3 or 4)
+* pgd_perturb_:  [B <- P]; P <- B + s * (P + c*G - B) (torch.lerp's formula; first step:
+                 P + (s*c)*G), c = alpha/||G||, s the analytic projection factor from ``stats``
                                                     reads P, G, (B unless first); writes [B], P (4)
-* restore_:      P <- B, raw bits                   reads B; writes P                 (2)
+* awp_perturb_:  [B <- P]; P <- min(max(P + G*f, lo), hi), NaN-propagating, box from B
+                                                    reads P, G, (B unless first); writes [B], P (4)
+* restore_:      P <- B, raw bits                   reads B; writes P                  (2)
+
+A skipped tensor (guard false) costs only its backup copy, if any: it is neither read nor written
+otherwise.
 
 Per-tensor factors are computed on the device by every program of the tensor from the float32
 statistics (zero/NaN guard included): nothing is read back by the host.  A tensor whose guard is
@@ -30,8 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_adv._triton import multi_tensor as mt
-from fused_adv._triton.multi_tensor import (block_sum, chunk_of, device_function, from_float, load_bits, role_ptr, round_to,
-                                            store_bits, to_float)
+from fused_adv._triton.multi_tensor import (block_sum, chunk_of, device_function, from_float, load_bits,
+                                            role_ptr, round_to, store_bits, to_float)
 
 
 def _eager(fn):
