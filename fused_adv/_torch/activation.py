@@ -29,23 +29,24 @@ def _rows(t: Tensor) -> Tensor:
 
 def ln_delta_fwd(x: Tensor, delta: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     h = x.shape[-1]
-    # native_layer_norm computes exactly the statement above (acc in fp32 for half types);
-    # with a delta the normalised value is kept in fp32 and rounded once after the add.
-    xin = x if delta is None else _acc(x)
-    out, mean, rstd = torch.native_layer_norm(xin, [h], None, None, eps)
+    # native_layer_norm on the fp32 (fp64) values computes exactly the statement above (on CPU it
+    # would return half-precision mean/rstd for half inputs); the normalised value stays in fp32
+    # until the delta is added and is rounded once.
+    out, mean, rstd = torch.native_layer_norm(_acc(x), [h], None, None, eps)
     if delta is not None:
-        out = (out + _acc(delta)).to(x.dtype)
-    return out, mean.reshape(-1), rstd.reshape(-1)
+        out = out + _acc(delta)
+    return out.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
 
 
 def ln_delta_bwd(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     """dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat)), g = grad_out, per row."""
     h = x.shape[-1]
     shape = x.shape[:-1] + (1,)
+    xa = _acc(x)
     dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-        grad_out.to(x.dtype), x, [h], mean.reshape(shape), rstd.reshape(shape), None, None,
+        grad_out.to(xa.dtype), xa, [h], mean.reshape(shape), rstd.reshape(shape), None, None,
         [True, False, False])
-    return dx
+    return dx.to(x.dtype)
 
 
 def row_absmax_sumsq(x: Tensor) -> Tensor:
