@@ -17,6 +17,15 @@ from fused_adv.ops import activation as A  # noqa: E402
 from fused_adv.ops import why_not  # noqa: E402
 from fused_adv.reference.freelb import FreeLB as RefFreeLB  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: intra-op threads only add overhead (6x slower on a loaded 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 BACKENDS = ["torch", "cpp", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = {torch.float64: 2.2e-16, torch.float32: 1.19e-7, torch.float16: 9.8e-4, torch.bfloat16: 7.8e-3}
@@ -96,8 +105,9 @@ def test_ln_delta_backward(backend, dtype):
 
 def test_ln_delta_gradcheck_float64(backend):
     # both inputs differentiable: x through the normalisation, delta through the add
-    x = _x((2, 3, 9), torch.float64, 5, shift=0.3).requires_grad_()
-    delta = _x((2, 3, 9), torch.float64, 6, scale=0.1).requires_grad_()
+    # small: the Triton interpreter runs every numerical-Jacobian forward
+    x = _x((2, 2, 5), torch.float64, 5, shift=0.3).requires_grad_()
+    delta = _x((2, 2, 5), torch.float64, 6, scale=0.1).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, d: A.ln_delta(a, d, 1e-7, backend=backend), (x, delta))
     assert torch.autograd.gradcheck(lambda a: A.ln_delta(a, None, 1e-5, backend=backend), (x,))
 
@@ -221,7 +231,7 @@ def test_freelb_reduce(backend):
     assert s[0, 0].item() == gd[0].abs().max().item() and torch.isnan(s[1, 0]) and (s[:, 1:] == 0).all()
 
 
-def test_backends_agree_bitwise_on_guards_and_dtypes(backend):
+def test_ln_delta_fp16_and_empty(backend):
     # the fused LayerNorm output dtype/shape contract for fp16 and empty inputs
     x = _x((0, 16), torch.float16, 22)
     out, mean, rstd = A.ln_delta_fwd(x, None, backend=backend)
