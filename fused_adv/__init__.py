@@ -1,4 +1,16 @@
-"""fused_adv: fused, drop-in adversarial training (FGM, FGSM, PGD, AWP, ...) for transformers."""
+"""fused_adv: fused, drop-in adversarial training (FGM, FGSM, PGD, AWP, ...) for transformers.
+
+    from fused_adv import FGM, PGD, AWP          # drop-in for the community classes
+    import fused_adv.reference                   # the community classes themselves (the oracle)
+    import fused_adv.ops                         # the multi-tensor ops they are built from
+
+Backends: ``backend="auto"`` (default) | "cuda" | "triton" | "cpp" | "torch", or env
+``FUSED_ADV_BACKEND``; ``python -m fused_adv.info`` shows what this install can run.
+"""
 __version__ = "0.1.0"
 
-from fused_adv import ops  # noqa: F401,E402
+from fused_adv import ops  # noqa: E402
+from fused_adv.methods import AWP, FGM, FGSM, PGD, AttackStateError  # noqa: E402
+from fused_adv.ops import BackendUnavailableError  # noqa: E402
+
+__all__ = ["FGM", "FGSM", "PGD", "AWP", "AttackStateError", "BackendUnavailableError", "ops", "__version__"]

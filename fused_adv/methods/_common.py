@@ -1,0 +1,79 @@
+"""What the fused drop-in classes share: choosing parameters by name and owning their backups."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class AttackStateError(RuntimeError):
+    """A method was called out of order (restore without attack, attack twice, ...)."""
+
+
+def embedding_like_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters that look like embeddings: weights of nn.Embedding modules, or
+    parameters whose name contains 'emb'.  Used to make 'matched nothing' errors actionable."""
+    names = []
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, p in model.named_parameters():
+        if id(p) in embedding_weights or "emb" in name.lower():
+            names.append(f"{name} {tuple(p.shape)}")
+    return names
+
+
+def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: bool = False
+                   ) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters whose name contains ``pattern`` (substring, as the community classes),
+    each reached once even when tied (model.named_parameters() and our id() check both dedupe).
+
+    Raises ValueError naming the embedding-like parameters when no trainable parameter name
+    contains ``pattern`` (the community classes silently do nothing then).  With
+    ``require_grad``, parameters whose ``.grad`` is None are left out (not an error)."""
+    chosen, seen, any_name = [], set(), False
+    for name, p in model.named_parameters():
+        if not (p.requires_grad and pattern in name):
+            continue
+        any_name = True
+        if id(p) in seen or (require_grad and p.grad is None):
+            continue
+        seen.add(id(p))
+        chosen.append((name, p))
+    if not any_name:
+        candidates = embedding_like_parameters(model) or ["(none found)"]
+        raise ValueError(
+            f"{what}={pattern!r} matches no trainable parameter of {type(model).__name__}, so the attack "
+            f"would silently do nothing. Embedding-like parameters: {', '.join(candidates[:12])}. "
+            f"Pass {what}= a substring of one of these names.")
+    return chosen
+
+
+class BackupPool:
+    """Backups allocated once per parameter and reused every step (steady state allocates nothing).
+
+    Keyed by parameter identity; a buffer is reallocated only if the parameter's shape, dtype or
+    device changed (e.g. model.half() between steps)."""
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            b = self._buffers.get(id(p))
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
+                self._buffers[id(p)] = b
+            out.append(b)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def data_of(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+    """Detached views sharing storage: the ops mutate them in place outside autograd."""
+    return [p.detach() for p in params]

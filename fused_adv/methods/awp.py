@@ -1,0 +1,134 @@
+"""Fused drop-in AWP, the Kaggle (Feedback Prize) class (SPEC.md §4).
+
+Per adversarial step: ONE multi-tensor reduction (||G||^2 and ||P||^2 of every perturbed tensor
+in one launch) and ONE multi-tensor update pass (reads P and G, writes the backup on the first
+step and P) with the box B +- adv_eps*|B| recomputed from the backup on the fly: one extra copy
+of the weights instead of three, no host sync.  Restore is one multi-tensor copy, bit-exact,
+and always happens, also when the adversarial forward/backward raises.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fused_adv import ops
+from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+from fused_adv.reference.awp import adversarial_autocast, model_loss
+
+
+class AWP:
+    """``AWP(model, optimizer, adv_param='weight', adv_lr=1.0, adv_eps=0.2, start_epoch=0,
+    adv_step=1, scaler=None, *, backend='auto', autocast=None)``.
+
+    ``attack_backward(x, y, attention_mask, epoch)`` (Kaggle convention: the loss of
+    ``model(input_ids=x, attention_mask=attention_mask, labels=y)``) or
+    ``attack_backward(closure=fn, epoch=epoch, backward=None)`` where ``fn()`` returns the
+    adversarial loss and ``backward(loss)`` replaces the default backward (``scaler.scale(loss)
+    .backward()`` or ``loss.backward()``).  For each of ``adv_step`` steps it perturbs every
+    trainable parameter whose name contains ``adv_param`` and has a gradient, runs the
+    adversarial forward (under CUDA autocast when CUDA is available, like the Kaggle class; set
+    ``autocast=False/True`` to choose), zeroes the gradients (the clean gradient is DISCARDED,
+    as in the Kaggle class) and backpropagates; then restores the weights.  Returns the last
+    adversarial loss (detached), or None when skipped (adv_lr == 0 or epoch < start_epoch).
+
+    Lower level: ``attack_step(first=True)`` / ``restore()``, or ``with awp.perturbed(): ...``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, adv_param: str = "weight", adv_lr: float = 1.0,
+                 adv_eps: float = 0.2, start_epoch: int = 0, adv_step: int = 1, scaler=None, *,
+                 backend: str = "auto", autocast: bool | None = None):
+        if adv_step < 1:
+            raise ValueError(f"adv_step must be >= 1, got {adv_step}")
+        self.model = model
+        self.optimizer = optimizer
+        self.adv_param = adv_param
+        self.adv_lr = adv_lr
+        self.adv_eps = adv_eps
+        self.start_epoch = start_epoch
+        self.adv_step = adv_step
+        self.scaler = scaler
+        self.backend = backend
+        self.autocast = autocast
+        self._pool = BackupPool()
+        self._saved: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
+
+    # -- the Kaggle entry point --------------------------------------------------------------
+    def attack_backward(self, x=None, y=None, attention_mask=None, epoch: int = 0, *,
+                        closure: Callable[[], torch.Tensor] | None = None,
+                        backward: Callable[[torch.Tensor], None] | None = None):
+        if (self.adv_lr == 0) or (epoch < self.start_epoch):
+            return None
+        if closure is None and x is None:
+            raise TypeError("AWP.attack_backward needs (x, y, attention_mask, epoch) or closure=")
+        adv_loss = None
+        try:
+            for step in range(self.adv_step):
+                self.attack_step(first=(step == 0))
+                with adversarial_autocast(self.autocast):
+                    adv_loss = closure() if closure is not None else model_loss(self.model, x, y, attention_mask)
+                self.optimizer.zero_grad()
+                if backward is not None:
+                    backward(adv_loss)
+                elif self.scaler is not None:
+                    self.scaler.scale(adv_loss).backward()
+                else:
+                    adv_loss.backward()
+        finally:
+            if self._saved is not None:
+                self.restore()
+        return None if adv_loss is None else adv_loss.detach()
+
+    # -- building blocks -----------------------------------------------------------------------
+    @torch.no_grad()
+    def attack_step(self, first: bool = True) -> None:
+        """One perturbation step.  ``first`` selects the parameters (trainable, with a grad, name
+        containing ``adv_param``) and backs them up; later steps reuse that selection."""
+        if first:
+            if self._saved is not None:
+                raise AttackStateError("AWP.attack_step(first=True) called again before restore()")
+            chosen = [p for _, p in select_by_name(self.model, self.adv_param, what="adv_param",
+                                                   require_grad=True)]
+            self._saved = list(zip(chosen, self._pool.get(chosen)))
+        elif self._saved is None:
+            raise AttackStateError("AWP.attack_step(first=False) before attack_step(first=True)")
+        # A parameter may have lost its grad after the first step (no adversarial gradient):
+        # the Kaggle class skips it for that step, and so do we (it stays saved and restored).
+        live = [(p, b) for p, b in self._saved if p.grad is not None]
+        if not live:
+            return
+        params = data_of(p for p, _ in live)
+        grads = [p.grad for p, _ in live]
+        backups = [b for _, b in live]
+        n = len(params)
+        sumsq = ops.multi_tensor_sumsq(grads + params, backend=self.backend)  # one launch, 2N norms
+        ops.awp_perturb_(params, grads, backups, sumsq[:n], sumsq[n:], self.adv_lr, self.adv_eps, first,
+                         backend=self.backend)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._saved is None:
+            raise AttackStateError("AWP.restore() called without a prior attack_step()")
+        ops.restore_(data_of(p for p, _ in self._saved), [b for _, b in self._saved], backend=self.backend)
+        self._saved = None
+
+    @contextlib.contextmanager
+    def perturbed(self, steps: int = 1):
+        """``steps`` perturbation steps on entry (gradients as they are), restore on exit."""
+        try:
+            for step in range(steps):
+                self.attack_step(first=(step == 0))
+            yield self
+        finally:
+            if self._saved is not None:
+                self.restore()
+
+    @property
+    def is_attacked(self) -> bool:
+        return self._saved is not None
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes held by the backups: one copy of the perturbed weights (the Kaggle class: three)."""
+        return self._pool.nbytes()

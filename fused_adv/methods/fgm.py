@@ -1,0 +1,90 @@
+"""Fused drop-in FGM and FGSM (SPEC.md §1-2).
+
+Same constructor, methods and numbers as the community classes (fused_adv.reference), but the
+attack is two multi-tensor passes (a norm reduction over the grads, then one pass that reads P
+and G and writes the backup and P) with the zero/NaN guard on the device: no host sync.
+Restore is one multi-tensor copy, bit-exact.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from fused_adv import ops
+from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+
+class FGM:
+    """``FGM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto')``.
+
+    ``attack(epsilon=None, emb_name=None)`` perturbs every trainable parameter whose name contains
+    ``emb_name``: P <- P + epsilon*G/||G|| (skipped when ||G|| is 0 or NaN), after backing P up.
+    ``restore()`` puts the backed-up weights back bit for bit.  ``with fgm.perturbed(): ...``
+    does both and restores even if the block raises.  Raises ValueError when ``emb_name``
+    matches no trainable parameter, AttackStateError on restore() without attack() or on a
+    second attack() before restore().
+    """
+
+    def __init__(self, model: nn.Module, emb_name: str = "word_embeddings", epsilon: float = 1.0, *,
+                 backend: str = "auto"):
+        self.model = model
+        self.emb_name = emb_name
+        self.epsilon = epsilon
+        self.backend = backend
+        self._pool = BackupPool()
+        self._attacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (param data, backup)
+
+    def _perturb(self, params, grads, backups, epsilon: float) -> None:
+        sumsq = ops.multi_tensor_sumsq(grads, backend=self.backend)
+        ops.fgm_perturb_(params, grads, backups, sumsq, epsilon, True, backend=self.backend)
+
+    @torch.no_grad()
+    def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
+        if self._attacked is not None:
+            raise AttackStateError(f"{type(self).__name__}.attack() called twice without restore(); "
+                                   "call restore() after the adversarial backward")
+        epsilon = self.epsilon if epsilon is None else epsilon
+        chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
+                                               what="emb_name")]
+        backups = self._pool.get(chosen)
+        with_grad = [i for i, p in enumerate(chosen) if p.grad is not None]
+        # Parameters without a grad are backed up (restore is uniform) but not moved.
+        for i, p in enumerate(chosen):
+            if p.grad is None:
+                backups[i].copy_(p.detach())
+        if with_grad:
+            self._perturb(data_of(chosen[i] for i in with_grad), [chosen[i].grad for i in with_grad],
+                          [backups[i] for i in with_grad], epsilon)
+        self._attacked = list(zip(data_of(chosen), backups))
+
+    @torch.no_grad()
+    def restore(self, emb_name: str | None = None) -> None:
+        if self._attacked is None:
+            raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack()")
+        params, backups = zip(*self._attacked) if self._attacked else ((), ())
+        ops.restore_(list(params), list(backups), backend=self.backend)
+        self._attacked = None
+
+    @contextlib.contextmanager
+    def perturbed(self, **attack_kwargs):
+        """Attack on entry, restore on exit (also when the block raises)."""
+        self.attack(**attack_kwargs)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    @property
+    def is_attacked(self) -> bool:
+        return self._attacked is not None
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes held by the backups (one copy of the perturbed weights)."""
+        return self._pool.nbytes()
+
+class FGSM(FGM):
+    """Sign variant: P <- P + epsilon*sign(G) (no norm, no skip rule).  Same API as :class:`FGM`."""
+
+    def _perturb(self, params, grads, backups, epsilon: float) -> None:
+        ops.fgsm_perturb_(params, grads, backups, epsilon, True, backend=self.backend)

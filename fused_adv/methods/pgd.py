@@ -1,0 +1,127 @@
+"""Fused drop-in PGD (SPEC.md §3).
+
+Each attack step is one multi-tensor reduction (||G||^2, <P-B, G>, ||P-B||^2) and one update
+pass: the projection onto the epsilon-ball follows analytically from those three numbers, so
+P is read and written once per step.  ``backup_grad()`` sets the clean gradients aside instead
+of cloning them (no copy; the grads are handed back by ``restore_grad()``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from fused_adv import ops
+from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+
+
+class PGD:
+    """``PGD(model, epsilon=1.0, alpha=0.3, emb_name='word_embeddings', *, backend='auto')``.
+
+    Loop (K steps), exactly as with the community class::
+
+        loss.backward(); pgd.backup_grad()
+        for t in range(K):
+            pgd.attack(is_first_attack=(t == 0))
+            if t != K - 1: model.zero_grad()
+            else: pgd.restore_grad()
+            model(x).loss.backward()
+        pgd.restore(); optimizer.step()
+
+    Difference from the community class, same results in that loop: ``backup_grad()`` moves the
+    clean ``.grad`` tensors aside (``.grad`` becomes None) and ``attack()`` reads a set-aside
+    gradient where ``.grad`` is None; ``restore_grad()`` hands back every set-aside gradient
+    (the community class restores only parameters whose ``.grad`` is not None at that moment).
+    """
+
+    def __init__(self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3,
+                 emb_name: str = "word_embeddings", *, backend: str = "auto"):
+        self.model = model
+        self.epsilon = epsilon
+        self.alpha = alpha
+        self.emb_name = emb_name
+        self.backend = backend
+        self._pool = BackupPool()
+        self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
+        self._grads_aside: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def _grad(self, p: nn.Parameter):
+        if p.grad is not None:
+            return p.grad
+        for q, g in self._grads_aside:
+            if q is p:
+                return g
+        return None
+
+    @torch.no_grad()
+    def attack(self, is_first_attack: bool = False, epsilon: float | None = None, alpha: float | None = None,
+               emb_name: str | None = None) -> None:
+        epsilon = self.epsilon if epsilon is None else epsilon
+        alpha = self.alpha if alpha is None else alpha
+        chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
+                                               what="emb_name")]
+        if is_first_attack:
+            if self._attacked is not None:
+                raise AttackStateError("PGD.attack(is_first_attack=True) called again before restore()")
+            backups = self._pool.get(chosen)
+        else:
+            if self._attacked is None:
+                raise AttackStateError("PGD.attack(is_first_attack=False) before a first attack: "
+                                       "call attack(is_first_attack=True) at step 0")
+            known = {id(p): b for p, b in self._attacked}
+            backups = [known.get(id(p)) for p in chosen]
+            if any(b is None for b in backups):
+                raise AttackStateError("PGD.attack(): emb_name selects parameters that the first attack "
+                                       "did not back up; use the same emb_name for every step")
+        grads = [self._grad(p) for p in chosen]
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if is_first_attack:
+            for i, p in enumerate(chosen):
+                if grads[i] is None:
+                    backups[i].copy_(p.detach())
+        if idx:
+            P = data_of(chosen[i] for i in idx)
+            G = [grads[i] for i in idx]
+            B = [backups[i] for i in idx]
+            stats = ops.pgd_reduce(P, G, B, is_first_attack, backend=self.backend)
+            ops.pgd_perturb_(P, G, B, stats, alpha, epsilon, is_first_attack, backend=self.backend)
+        if is_first_attack:
+            self._attacked = list(zip(chosen, backups))
+
+    @torch.no_grad()
+    def restore(self, emb_name: str | None = None) -> None:
+        if self._attacked is None:
+            raise AttackStateError("PGD.restore() called without a prior attack(is_first_attack=True)")
+        ops.restore_(data_of(p for p, _ in self._attacked), [b for _, b in self._attacked],
+                     backend=self.backend)
+        self._attacked = None
+
+    def backup_grad(self) -> None:
+        """Sets the clean gradients of all trainable parameters aside (no copy)."""
+        self._grads_aside = [(p, p.grad) for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        for p, _ in self._grads_aside:
+            p.grad = None
+
+    def restore_grad(self) -> None:
+        """Hands the set-aside clean gradients back as ``.grad`` (the next backward adds to them)."""
+        for p, g in self._grads_aside:
+            p.grad = g
+        self._grads_aside = []
+
+    @contextlib.contextmanager
+    def perturbed(self, **attack_kwargs):
+        """One attack step (a first one unless already attacked) on entry; restore on exit."""
+        attack_kwargs.setdefault("is_first_attack", self._attacked is None)
+        self.attack(**attack_kwargs)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    @property
+    def is_attacked(self) -> bool:
+        return self._attacked is not None
+
+    def extra_memory_bytes(self) -> int:
+        return self._pool.nbytes()
