@@ -256,3 +256,25 @@ def test_smart_nonfinite_gradient_gives_zero_loss(monkeypatch):
     assert isinstance(adv, torch.Tensor) and adv.item() == 0.0
     (out.loss + adv).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["torch", "cuda", "triton"])
+def test_methods_on_cuda(backend_name):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = why_not(backend_name, torch.device("cuda"), "sift_update_")
+    if reason:
+        pytest.skip(f"{backend_name}: {reason}")
+    model = tiny_bert().cuda()
+    batch = {k: v.cuda() for k, v in padded_batch().items()}
+    # GPU reductions (ours and torch's) round differently from each other: a looser fp32 bound
+    tol = dict(rtol=1e-4, atol=1e-5)
+    assert_same_training(sift_run(fused_sift, model, batch, backend=backend_name), sift_run(ref_sift, model, batch),
+                         **tol)
+    kw = dict(adv_K=3, adv_lr=0.05, adv_init_mag=0.05, adv_max_norm=0.05)
+    assert_same_training(freelb_run(FreeLB, model, batch, backend=backend_name, **kw),
+                         freelb_run(RefFreeLB, model, batch, **kw), **tol)
+    kw = dict(adv_K=2, step_size=1e-2, noise_var=1e-3)
+    assert_same_training(smart_run(SMART, model, batch, backend=backend_name, **kw),
+                         smart_run(RefSMART, model, batch, **kw), **tol)

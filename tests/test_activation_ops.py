@@ -36,16 +36,24 @@ BACKENDS = ["torch", "cpp", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _backend(name, op="ln_delta_fwd"):
-    reason = why_not(name, torch.device("cpu"), op)
-    if reason:
-        pytest.skip(f"{name}: {reason}")
-    return name
+# (device, backend) pairs; unavailable ones are skipped with the registry's reason
+DEVICE_BACKENDS = [("cpu", "torch"), ("cpu", "cpp"), ("cpu", "triton"),
+                   ("cuda", "torch"), ("cuda", "cuda"), ("cuda", "triton")]
+_DEV = {"device": "cpu"}  # where _x puts tensors; set by the backend fixture for its test
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[pytest.param(p, marks=[pytest.mark.gpu] if p[0] == "cuda" else [])
+                        for p in DEVICE_BACKENDS], ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
 def backend(request):
-    return _backend(request.param)
+    device, name = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = why_not(name, torch.device(device), "ln_delta_fwd")
+    if reason:
+        pytest.skip(f"{name} on {device}: {reason}")
+    _DEV["device"] = device
+    yield name
+    _DEV["device"] = "cpu"
 
 
 def assert_close_to_oracle(fused, reference, oracle, what=""):
@@ -57,7 +65,7 @@ def assert_close_to_oracle(fused, reference, oracle, what=""):
 
 def _x(shape, dtype, seed=0, scale=1.0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(_DEV["device"])
 
 
 # odd H, a single row, and a padded-batch-like shape
@@ -163,10 +171,11 @@ def test_sift_update_guard(backend, bad):
 
 def test_sift_update_guard_from_overflowing_norm(backend):
     # finite entries whose squares overflow fp32: ‖g‖ = inf in the reference too
-    delta0 = torch.zeros(2, 8)
-    grad = torch.full((2, 8), 3e19)
+    dev = _DEV["device"]
+    delta0 = torch.zeros(2, 8, device=dev)
+    grad = torch.full((2, 8), 3e19, device=dev)
     delta = delta0.clone()
-    A.sift_update_(delta, grad, torch.zeros(2, 8), None, 1.0, backend=backend)
+    A.sift_update_(delta, grad, torch.zeros(2, 8, device=dev), None, 1.0, backend=backend)
     assert torch.isinf(grad.norm()) and torch.equal(delta, delta0)
 
 
@@ -194,7 +203,7 @@ def test_smart_update(backend, dtype):
 @pytest.mark.parametrize("norm_type,max_norm", [("l2", 0.0), ("l2", 0.05), ("linf", 0.0), ("linf", 0.004)])
 def test_freelb_update(backend, dtype, norm_type, max_norm):
     b, t, e = 3, 7, 24
-    mask = torch.ones(b, t)
+    mask = torch.ones(b, t, device=_DEV["device"])
     mask[1, 4:] = 0  # padded samples: delta is zero there after init
     mask[2, 2:] = 0
     embeds = _x((b, t, e), dtype, 18)
@@ -223,7 +232,7 @@ def test_freelb_reduce(backend):
                                rtol=1e-5, atol=1e-5)
     g[1, 0, 0] = float("nan")
     s = A.freelb_reduce(d, g, True, backend=backend)
-    assert s[0, 0].item() == gd[0].abs().max().item() and torch.isnan(s[1, 0]) and (s[:, 1:] == 0).all()
+    assert s[0, 0].item() == gd[0].abs().max().float().item() and torch.isnan(s[1, 0]) and (s[:, 1:] == 0).all()
 
 
 def test_ln_delta_fp16_and_empty(backend):
