@@ -20,6 +20,8 @@ Deliberate departures (documented, none changes the numbers in normal use):
   silently returns []);
 * ``update_delta`` always returns True (the guard is on the device; the original returns False
   when it skips the step); it raises a clear error if delta has no gradient;
+* ``AdversarialLearner.loss`` restores requires_grad and normal mode even when the adversarial
+  forward raises (the original leaves the parameters frozen);
 * ``bind_each=True`` (opt-in) gives each matched module its own PerturbationLayer; by default the
   original's late binding is kept (every hook calls the last layer).
 """
