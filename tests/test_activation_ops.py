@@ -307,3 +307,31 @@ def test_torch_compile_traces_the_ops():
     torch.testing.assert_close(out1, out2)
     torch.testing.assert_close(d1, d2)
     assert not torch.equal(d1, _x((2, 3, 16), torch.float32, 32))  # the in-place update happened
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "cuda", "triton"])
+def test_no_host_sync_on_cuda(name):
+    # the guards are device-side: no op may synchronise with the host
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = why_not(name, torch.device("cuda"), "sift_update_")
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    dev = "cuda"
+    x = torch.randn(4, 16, 64, device=dev)
+    d = torch.randn(4, 16, 64, device=dev) * 1e-2
+    g = torch.randn(4, 16, 64, device=dev)
+    A.ln_delta_fwd(x, d, backend=name)  # warm-up (Triton compiles, allocator grows)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, mean, rstd = A.ln_delta_fwd(x, d, backend=name)
+        A.ln_delta_bwd(g, x, mean, rstd, backend=name)
+        dl, o = A.sift_perturb(x, g, 0.02, backend=name)
+        A.sift_update_(dl, g, x, None, 1e-2, backend=name)
+        A.smart_update_(d.clone(), g, None, 1e-3, 1e-6, backend=name)
+        for linf in (False, True):
+            A.freelb_update_(d.clone(), g, None, 0.1, 0.5, linf, backend=name)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
