@@ -11,7 +11,6 @@ reference ones; measured ~1e-7).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import pytest
@@ -91,7 +90,7 @@ def run_trainer(tmp_path, method, steps=3, ga=1, trainer_cls=AdvTrainer, model=N
 
 def reference_loop(method, steps=3, ga=1, perturb_from="micro_batch", divide_by_ga=True, scaler=None,
                    autocast=None, start_step=0, model=None, params=None, emb_name="word_embeddings",
-                   K=PGD_K, data=None, **kw):
+                   K=PGD_K, data=None, bs=BS, **kw):
     """``steps`` optimizer steps of ``ga`` micro-batches each, the community usage of each method
     (SPEC.md §1-4) per micro-batch, SGD.  perturb_from="micro_batch": every micro-batch runs on
     zeroed grads and its resulting grads are summed afterwards (an order-free formulation of
@@ -125,7 +124,7 @@ def reference_loop(method, steps=3, ga=1, perturb_from="micro_batch", divide_by_
     for s in range(steps):
         acc = {}
         for j in range(ga):
-            batch = collate(data[(s * ga + j) * BS:(s * ga + j + 1) * BS])
+            batch = collate(data[(s * ga + j) * bs:(s * ga + j + 1) * bs])
             if perturb_from == "micro_batch":
                 model.zero_grad(set_to_none=True)     # (not opt.zero_grad: params outside the optimizer too)
             earlier = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
@@ -559,3 +558,43 @@ def test_config_errors():
         AdvTrainer(adversarial="fgm", adversarial_kwargs={"K": 2})
     with pytest.raises(ValueError, match="perturb_from"):
         AdvTrainer(adversarial="awp", adversarial_kwargs={"perturb_from": "both"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FUSED_ADV_TEST_DDP"), reason="2-process DDP run (~1 min on 2 cores): "
+                    "set FUSED_ADV_TEST_DDP=1")
+def test_ddp_two_processes(tmp_path):
+    """Real DDP (2 CPU processes, gloo) through torch.distributed.run, FGM, 2 steps; rank r gets
+    batch 2s+r at step s.  Default: the clean pass all-reduces, so both ranks perturb along the
+    global clean gradient: the same as ONE process on the union batch.  clean_pass_no_sync=True:
+    the clean pass stays local (one all-reduce per step), each rank perturbs along its own
+    gradient, and the all-reduce of the final backward averages clean + adversarial over ranks:
+    the same as one process with GA=2 over the two batches in micro_batch mode."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    out = str(tmp_path / "ddp.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), os.path.join(here, "hf_ddp_worker.py"), out, "fgm"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = torch.load(out)
+    assert res[False]["world"] == 2
+    # every backward all-reduces by default; with the option the clean passes do not
+    assert res[False]["seen"] == [True, True] * 2
+    assert res[True]["seen"] == [False, True] * 2
+    union = reference_loop("fgm", steps=2, bs=2 * BS)
+    local = reference_loop("fgm", steps=2, ga=2, divide_by_ga=True)
+    for no_sync, expected in ((False, union), (True, local)):
+        got = res[no_sync]["params"]
+        for name, p in expected.named_parameters():
+            err = (got[name] - p.detach()).abs().max().item() / max(p.detach().abs().max().item(), 1e-3)
+            assert err <= RTOL, f"no_sync={no_sync} {name}: relative error {err:.3g}"
+    assert_params_differ(union, local)         # the two modes really differ
