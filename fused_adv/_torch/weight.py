@@ -7,7 +7,8 @@ triton) implements; keep them in step.  Per tensor i (P param, G grad, B backup)
   when stored, except AWP's box, which is rounded to P's dtype after each op exactly as the
   reference computes it in P's dtype (e = adv_eps*|B|, lo = B - e, hi = B + e);
 * per-tensor scalars (norms, factors) are float32 tensors on the device: the zero/NaN guard
-  ``ok = (n != 0) & !isnan(n)`` is a device-side select, never a host read.
+  ``ok = (n != 0) & !isnan(n)`` is a device-side select, never a host read.  A skipped tensor
+  is SELECTED unchanged (P stays bit for bit), not multiplied by a zero factor: 0 * NaN = NaN.
 
 No function here syncs the host.  Backups are written by ``copy_`` so they are bit-exact.
 """
@@ -26,6 +27,14 @@ def _acc(t: Tensor) -> Tensor:
 
 def _guard(n: Tensor) -> Tensor:
     return (n != 0) & ~torch.isnan(n)
+
+
+def _select_into(p: Tensor, ok: Tensor, new: Tensor) -> None:
+    """p <- new where ok else p (ok a 0-d device bool): in place when dtypes allow."""
+    if new.dtype == p.dtype:
+        torch.where(ok, new, p, out=p)
+    else:
+        p.copy_(torch.where(ok, new, p))
 
 
 def multi_tensor_sumsq(tensors: list[Tensor]) -> Tensor:
@@ -60,11 +69,17 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
     if write_backup:
         torch._foreach_copy_(backups, params)
     n = grad_sumsq.sqrt()
+    ok = _guard(n)
     # n = +inf is not skipped: factor 0, so finite entries get 0 and inf entries NaN (0*inf),
     # as the community class's eps*G/inf does.
-    factor = torch.where(_guard(n), epsilon / n, torch.zeros_like(n))
-    for i, (p, g) in enumerate(zip(params, grads)):
-        p.copy_(_acc(p) + _acc(g) * factor[i])
+    factor = torch.where(ok, epsilon / n, torch.zeros_like(n))
+    for i, (p, g, b) in enumerate(zip(params, grads, backups)):
+        if write_backup:
+            # In place, no temporaries: P += f*G, then select the old P (= B) where skipped.
+            p.addcmul_(g, factor[i])
+            torch.where(ok[i], p, b, out=p)
+        else:
+            p.copy_(torch.where(ok[i], _acc(p) + _acc(g) * factor[i], p))
 
 
 def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) -> None:
@@ -73,15 +88,15 @@ def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) ->
     if write_backup:
         torch._foreach_copy_(backups, params)
     for p, g in zip(params, grads):
-        p.copy_(_acc(p) + epsilon * torch.sign(_acc(g)))
+        p.add_(torch.sign(g), alpha=epsilon)
 
 
 def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
     """P' = P + c*G with c = alpha/||G||; r = P' - B; if ||r|| > eps: r *= eps/||r||; P = B + r.
 
     ||r||^2 = ||d||^2 + 2c<d, G> + c^2||G||^2 with d = P - B, all from ``stats``, so the
-    projection factor s is known before the single update pass.  Skipped tensors (guard false)
-    keep P bit for bit.
+    projection factor s is known before the single update pass: P = B + s*(P + c*G - B).
+    Skipped tensors (guard false) keep P bit for bit.
     """
     if not params:
         return
@@ -96,15 +111,20 @@ def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: f
     r = (dd + 2 * c * dg + c * c * gg).clamp_min(0).sqrt()
     s = torch.where(ok & (r > epsilon), epsilon / r, torch.ones_like(r))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        b32 = _acc(b)
-        new = b32 + s[i] * ((_acc(p) - b32) + c[i] * _acc(g))
-        p.copy_(torch.where(ok[i], new, p))
+        if first:  # P = B + s*c*G, and B is the old P: select it where skipped
+            p.addcmul_(g, s[i] * c[i])
+            torch.where(ok[i], p, b, out=p)
+        else:
+            new = torch.addcmul(_acc(p), _acc(g), c[i])
+            torch.lerp(_acc(b), new, s[i], out=new)          # B + s*(new - B)
+            _select_into(p, ok[i], new)
 
 
 def awp_box(b: Tensor, adv_eps: float) -> tuple[Tensor, Tensor]:
     """(lo, hi) = (B - e, B + e), e = adv_eps*|B|, each op rounded to B's dtype (as the reference)."""
-    e = adv_eps * b.abs()
-    return b - e, b + e
+    e = b.abs().mul_(adv_eps)
+    lo = b - e
+    return lo, e.add_(b)
 
 
 def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor,
@@ -123,8 +143,11 @@ def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor
     factor = torch.where(ok, adv_lr * (n2 + 1e-6) / (n1 + 1e-6), torch.zeros_like(n1))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
         lo, hi = awp_box(b, adv_eps)
-        new = torch.minimum(torch.maximum(_acc(p) + _acc(g) * factor[i], _acc(lo)), _acc(hi))
-        p.copy_(torch.where(ok[i], new, p))
+        new = torch.addcmul(_acc(p), _acc(g), factor[i])
+        # torch.maximum/minimum propagate NaN (clamp would not): the Kaggle class uses max/min.
+        torch.maximum(new, _acc(lo), out=new)
+        torch.minimum(new, _acc(hi), out=new)
+        _select_into(p, ok[i], new)
 
 
 def restore_(params, backups) -> None:

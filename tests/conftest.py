@@ -1,0 +1,40 @@
+"""Test configuration shared by every test module.
+
+Triton kernels run on CPU under the Triton interpreter; TRITON_INTERPRET must be set before
+triton is first imported, so it is set here, before any test module imports fused_adv.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py, tests/tolerance.py
+
+import pytest  # noqa: E402
+
+from fused_adv.ops import why_not  # noqa: E402
+
+# (device, backend) pairs every backend-parametrized test runs on; unavailable ones are skipped
+# with the registry's reason, so the skip list shows what this machine could not check.
+DEVICE_BACKENDS = [("cpu", "torch"), ("cpu", "cpp"), ("cpu", "triton"),
+                   ("cuda", "torch"), ("cuda", "cuda"), ("cuda", "triton")]
+
+
+def skip_reason(device: str, backend: str, op: str = "restore_") -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return why_not(backend, torch.device(device), op)
+
+
+@pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+def device_backend(request):
+    device, backend = request.param
+    reason = skip_reason(device, backend)
+    if reason:
+        pytest.skip(f"{backend} on {device}: {reason}")
+    return device, backend
