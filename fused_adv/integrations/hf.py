@@ -41,7 +41,8 @@ multi-GPU ``loss.mean()``, the Trainer's gradient-accumulation division (whichev
 installed version applies) and ``self.accelerator.backward`` (GradScaler scaling, autocast).
 Set ``adversarial_pass_uses_super = True`` on your class to run the adversarial passes through
 ``super().training_step`` too (e.g. when your subclass's ``training_step`` wraps the step in a
-context the adversarial pass needs).
+context the adversarial pass needs).  ``compute_loss`` runs once per pass, so side effects a
+subclass has there (TRL's per-batch metrics) happen for the adversarial passes too.
 
 - fp16: both passes are scaled by the same GradScaler scale; the perturbation directions are
   scale-invariant (AWP up to its 1e-6), so ``unscale_`` is never called here: the Trainer
