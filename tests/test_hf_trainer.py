@@ -225,13 +225,14 @@ def trainer_divides_by_ga(tr) -> bool:
                                                  ("pgd", "micro_batch"), ("awp", "micro_batch"),
                                                  ("awp", "accumulated")])
 def test_gradient_accumulation(tmp_path, method, perturb_from):
-    tr = run_trainer(tmp_path, method, steps=2, ga=2, perturb_from=perturb_from)
+    extra = {"adv_step": 2} if method == "awp" else {}     # several AWP steps: the hand-back point matters
+    tr = run_trainer(tmp_path, method, steps=2, ga=2, perturb_from=perturb_from, **extra)
     expected = reference_loop(method, steps=2, ga=2, perturb_from=perturb_from,
-                              divide_by_ga=trainer_divides_by_ga(tr))
+                              divide_by_ga=trainer_divides_by_ga(tr), **extra)
     assert_same_params(tr.model, expected)
     if perturb_from == "accumulated":   # the option must matter, or this test could not tell them apart
         assert_params_differ(expected, reference_loop(method, steps=2, ga=2, perturb_from="micro_batch",
-                                                      divide_by_ga=trainer_divides_by_ga(tr)))
+                                                      divide_by_ga=trainer_divides_by_ga(tr), **extra))
 
 
 def test_gradient_accumulation_when_trainer_divides(tmp_path):
@@ -547,6 +548,20 @@ def test_exception_in_adversarial_pass_restores(tmp_path, method):
     assert not tr.adversary.is_attacked
     if method == "pgd":
         assert not tr.adversary._grads_aside      # the clean grads were handed back
+
+
+def test_make_adversarial_reconfigures_and_turns_off(tmp_path):
+    tr = AdvTrainer(model=tiny_bert_cls(seed=0, vocab=VOCAB), args=targs(tmp_path, 1), train_dataset=dataset(),
+                    adversarial="fgm")
+    cls = type(tr)
+    assert make_adversarial(tr, "awp", adv_lr=0.1) is tr and type(tr) is cls   # no second subclass
+    assert tr.adversarial == "awp" and tr.adversarial_kwargs == {"adv_lr": 0.1}
+    tr.configure_adversarial(None)
+    assert tr.adversarial is None
+    before = tiny_bert_cls(seed=0, vocab=VOCAB)
+    tr.train()                                   # a plain step now
+    assert tr.adversary is None
+    assert_same_params(tr.model, reference_loop(None, steps=1, model=before))
 
 
 def test_config_errors():
