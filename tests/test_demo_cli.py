@@ -15,7 +15,7 @@ def demo_out(tmp_path_factory):
     from fused_adv import cli
 
     out = tmp_path_factory.mktemp("demo")
-    # --backend torch: the backend every install has (auto may pick a compiled one, tested elsewhere)
+    # --backend auto: what a user gets (cpp when the extension has the CPU kernels, else torch)
     rc = cli.main(["demo", "--tiny", "--steps", "8", "--out", str(out), "--quiet", "--backend", "auto"])
     assert rc == 0
     return out
