@@ -17,6 +17,15 @@ TORCH_LIBRARY(fused_adv, m) {
   m.def("awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
         "Tensor grad_sumsq, Tensor param_sumsq, float adv_lr, float adv_eps, bool first) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
+  // activation family (SiFT / FreeLB / SMART): fused_adv/ops/_schemas_activation.py
+  m.def("ln_delta_fwd(Tensor x, Tensor? delta, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("ln_delta_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd) -> Tensor");
+  m.def("row_absmax_sumsq(Tensor x) -> Tensor");
+  m.def("sift_perturb(Tensor xhat, Tensor noise, float bound) -> (Tensor, Tensor)");
+  m.def("sift_update_(Tensor(a!) delta, Tensor grad, Tensor xhat, Tensor stats, float lr) -> Tensor");
+  m.def("smart_update_(Tensor(a!) noise, Tensor grad, Tensor stats, float step_size, float epsilon) -> Tensor");
+  m.def("freelb_reduce(Tensor delta, Tensor grad, bool linf) -> Tensor");
+  m.def("freelb_update_(Tensor(a!) delta, Tensor grad, Tensor stats, float lr, float max_norm, bool linf) -> ()");
 }
 
 // A Python module so that `import fused_adv._C` loads the library (and runs the registrations).

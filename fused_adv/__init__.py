@@ -1,4 +1,4 @@
-"""fused_adv: fused, drop-in adversarial training (FGM, FGSM, PGD, AWP, ...) for transformers.
+"""fused_adv: fused, drop-in adversarial training (FGM, FGSM, PGD, AWP, SiFT, FreeLB, SMART) for transformers.
 
     from fused_adv import FGM, PGD, AWP          # drop-in for the community classes
     import fused_adv.reference                   # the community classes themselves (the oracle)
@@ -10,7 +10,10 @@ Backends: ``backend="auto"`` (default) | "cuda" | "triton" | "cpp" | "torch", or
 __version__ = "0.1.0"
 
 from fused_adv import ops  # noqa: E402
-from fused_adv.methods import AWP, FGM, FGSM, PGD, AttackStateError  # noqa: E402
+from fused_adv import sift  # noqa: E402  (DeBERTa's SiFT API: hook_sift_layer, AdversarialLearner)
+from fused_adv.methods import AWP, FGM, FGSM, PGD, SMART, AttackStateError, FreeLB  # noqa: E402
 from fused_adv.ops import BackendUnavailableError  # noqa: E402
+from fused_adv.sift import AdversarialLearner, hook_sift_layer  # noqa: E402
 
-__all__ = ["FGM", "FGSM", "PGD", "AWP", "AttackStateError", "BackendUnavailableError", "ops", "__version__"]
+__all__ = ["FGM", "FGSM", "PGD", "AWP", "FreeLB", "SMART", "hook_sift_layer", "AdversarialLearner", "sift",
+           "AttackStateError", "BackendUnavailableError", "ops", "__version__"]

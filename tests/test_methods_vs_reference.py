@@ -47,9 +47,6 @@ def test_fp32_toy_training_matches_reference(method, device_backend):
 @pytest.mark.parametrize("method", METHODS)
 def test_fp32_tiny_bert_training_matches_reference(method, device_backend):
     device, backend = device_backend
-    if backend == "triton" and device == "cpu" and method == "awp":
-        pytest.skip("AWP touches every weight of BERT: too many interpreter programs for CI; "
-                    "covered on the toy model and on GPU")
     model = tiny_bert_cls(num_labels=3).to(device)
     fused_model = copy.deepcopy(model)
     names = [n for n, _ in model.named_parameters()]
@@ -62,8 +59,6 @@ def test_fp32_tiny_bert_training_matches_reference(method, device_backend):
 @pytest.mark.parametrize("method", METHODS)
 def test_low_precision_training_within_tolerance_rule(method, dtype, model_kind, device_backend):
     device, backend = device_backend
-    if model_kind == "bert" and backend == "triton" and device == "cpu" and method == "awp":
-        pytest.skip("AWP over every BERT weight: too many interpreter programs for CI; covered on the toy model")
     torch.manual_seed(1)
     base = ToyBert() if model_kind == "toy" else tiny_bert_cls(num_labels=3)
     kw = {} if model_kind == "toy" else {"vocab": 64, "steps": 2}

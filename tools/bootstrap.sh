@@ -21,6 +21,7 @@ have torch || $PIP torch==2.13.0
 # torch 2.13's CUDA build uses. Triton's interpreter runs the kernels on CPU in the tests.
 have triton || $PIP triton==3.7.1 || echo "   (triton unavailable: the triton backend will be skipped)"
 have transformers || $PIP "transformers>=4.40"
+have accelerate || $PIP accelerate   # the HF Trainer needs it (torch is present, so no torch is pulled)
 missing=""
 for mod in numpy tqdm matplotlib pytest pytest_benchmark ninja wheel; do have $mod || missing="$missing $mod"; done
 [ -n "$missing" ] && $PIP $(echo $missing | sed 's/pytest_benchmark/pytest-benchmark/')

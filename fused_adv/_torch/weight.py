@@ -74,8 +74,9 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
     # as the community class's eps*G/inf does.
     factor = torch.where(ok, epsilon / n, torch.zeros_like(n))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        if write_backup:
+        if write_backup and _acc(p) is p:
             # In place, no temporaries: P += f*G, then select the old P (= B) where skipped.
+            # (fp32/fp64 only: in-place addcmul would round f to an fp16/bf16 P's dtype.)
             p.addcmul_(g, factor[i])
             torch.where(ok[i], p, b, out=p)
         else:
@@ -88,7 +89,10 @@ def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) ->
     if write_backup:
         torch._foreach_copy_(backups, params)
     for p, g in zip(params, grads):
-        p.add_(torch.sign(g), alpha=epsilon)
+        if _acc(p) is p:
+            p.add_(torch.sign(g), alpha=epsilon)
+        else:  # fp32 math: add_(alpha=) would round epsilon to fp16/bf16 first
+            p.copy_(_acc(p) + epsilon * torch.sign(_acc(g)))
 
 
 def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
@@ -111,9 +115,11 @@ def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: f
     r = (dd + 2 * c * dg + c * c * gg).clamp_min(0).sqrt()
     s = torch.where(ok & (r > epsilon), epsilon / r, torch.ones_like(r))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        if first:  # P = B + s*c*G, and B is the old P: select it where skipped
+        if first and _acc(p) is p:  # P = B + s*c*G, and B is the old P: select it where skipped
             p.addcmul_(g, s[i] * c[i])
             torch.where(ok[i], p, b, out=p)
+        elif first:
+            _select_into(p, ok[i], torch.addcmul(_acc(p), _acc(g), s[i] * c[i]))
         else:
             new = torch.addcmul(_acc(p), _acc(g), c[i])
             torch.lerp(_acc(b), new, s[i], out=new)          # B + s*(new - B)

@@ -2,6 +2,8 @@
 from fused_adv.methods._common import AttackStateError
 from fused_adv.methods.awp import AWP
 from fused_adv.methods.fgm import FGM, FGSM
+from fused_adv.methods.freelb import FreeLB
 from fused_adv.methods.pgd import PGD
+from fused_adv.methods.smart import SMART
 
-__all__ = ["FGM", "FGSM", "PGD", "AWP", "AttackStateError"]
+__all__ = ["FGM", "FGSM", "PGD", "AWP", "FreeLB", "SMART", "AttackStateError"]

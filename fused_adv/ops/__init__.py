@@ -6,6 +6,18 @@ torch.compile-safe) and a Python function here that validates arguments and rout
 """
 from fused_adv.ops import _library  # noqa: F401  (defines the ops before anything uses them)
 from fused_adv.ops._registry import BACKENDS, BackendUnavailableError, resolve, why_not
+from fused_adv.ops.activation import (  # registers the activation family (SiFT, FreeLB, SMART)
+    attach_delta,
+    freelb_reduce,
+    freelb_update_,
+    ln_delta,
+    ln_delta_bwd,
+    ln_delta_fwd,
+    row_absmax_sumsq,
+    sift_perturb,
+    sift_update_,
+    smart_update_,
+)
 from fused_adv.ops.weight import (
     awp_perturb_,
     fgm_perturb_,
@@ -20,4 +32,6 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "resolve", "why_not",
     "multi_tensor_sumsq", "pgd_reduce", "fgm_perturb_", "fgsm_perturb_", "pgd_perturb_",
     "awp_perturb_", "restore_",
+    "ln_delta_fwd", "ln_delta_bwd", "ln_delta", "attach_delta", "row_absmax_sumsq", "sift_perturb",
+    "sift_update_", "smart_update_", "freelb_reduce", "freelb_update_",
 ]

@@ -2,6 +2,10 @@
 tested against (SPEC.md).  Not for production: use fused_adv.FGM / PGD / AWP ..."""
 from fused_adv.reference.awp import AWP
 from fused_adv.reference.fgm import FGM, FGSM
+from fused_adv.reference.freelb import FreeLB
 from fused_adv.reference.pgd import PGD
+from fused_adv.reference.sift import AdversarialLearner, PerturbationLayer, hook_sift_layer, symmetric_kl
+from fused_adv.reference.smart import SMART, stable_kl, sym_kl_batchmean
 
-__all__ = ["FGM", "FGSM", "PGD", "AWP"]
+__all__ = ["FGM", "FGSM", "PGD", "AWP", "FreeLB", "SMART", "stable_kl", "sym_kl_batchmean",
+           "hook_sift_layer", "AdversarialLearner", "PerturbationLayer", "symmetric_kl"]
