@@ -16,7 +16,7 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
-from fused_adv.reference.awp import adversarial_autocast, model_loss
+from fused_adv.reference.awp import adversarial_backward
 
 
 class AWP:
@@ -67,15 +67,7 @@ class AWP:
         try:
             for step in range(self.adv_step):
                 self.attack_step(first=(step == 0))
-                with adversarial_autocast(self.autocast):
-                    adv_loss = closure() if closure is not None else model_loss(self.model, x, y, attention_mask)
-                self.optimizer.zero_grad()
-                if backward is not None:
-                    backward(adv_loss)
-                elif self.scaler is not None:
-                    self.scaler.scale(adv_loss).backward()
-                else:
-                    adv_loss.backward()
+                adv_loss = adversarial_backward(self, x, y, attention_mask, closure, backward)
         finally:
             if self._saved is not None:
                 self.restore()

@@ -27,6 +27,22 @@ def adversarial_autocast(enabled: bool | None):
     return torch.autocast(device_type="cuda", enabled=True) if enabled else contextlib.nullcontext()
 
 
+def adversarial_backward(awp, x, y, attention_mask, closure, backward) -> torch.Tensor:
+    """One adversarial pass of the Kaggle class: forward (under its autocast), zero the grads (the
+    clean gradient is DISCARDED), backward through the scaler when there is one.  Shared by the
+    reference and the fused AWP so both run exactly the same pass."""
+    with adversarial_autocast(awp.autocast):
+        adv_loss = closure() if closure is not None else model_loss(awp.model, x, y, attention_mask)
+    awp.optimizer.zero_grad()
+    if backward is not None:
+        backward(adv_loss)
+    elif awp.scaler is not None:
+        awp.scaler.scale(adv_loss).backward()
+    else:
+        adv_loss.backward()
+    return adv_loss
+
+
 class AWP:
     def __init__(self, model, optimizer, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2,
                  start_epoch: int = 0, adv_step: int = 1, scaler=None, autocast: bool | None = None):
@@ -51,15 +67,7 @@ class AWP:
         adv_loss = None
         for _ in range(self.adv_step):
             self._attack_step()
-            with adversarial_autocast(self.autocast):
-                adv_loss = closure() if closure is not None else model_loss(self.model, x, y, attention_mask)
-            self.optimizer.zero_grad()
-            if backward is not None:
-                backward(adv_loss)
-            elif self.scaler is not None:
-                self.scaler.scale(adv_loss).backward()
-            else:
-                adv_loss.backward()
+            adv_loss = adversarial_backward(self, x, y, attention_mask, closure, backward)
         self._restore()
         return adv_loss
 
