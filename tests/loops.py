@@ -19,7 +19,7 @@ def loss_of(model, data):
 
 def make_adversary(method: str, model, optimizer, *, fused: bool, backend: str = "auto", **kw):
     mod = fused_adv if fused else reference
-    extra = {"backend": backend} if fused else {}
+    extra = {"backend": backend, "restore_mode": kw.get("restore_mode", "copy")} if fused else {}
     if method == "fgm":
         return mod.FGM(model, kw.get("emb_name", "word_embeddings"), kw.get("epsilon", 0.5), **extra)
     if method == "fgsm":

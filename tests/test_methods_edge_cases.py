@@ -118,6 +118,32 @@ def test_out_of_order_calls(cls):
         fused_adv.AWP(m, None).restore()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", ["FGM", "PGD", "AWP"])
+def test_swap_restore_is_bit_exact_and_reuses_buffers(cls, dtype):
+    m = toy("cpu").to(dtype)
+    data = batch(0)
+    before = copy.deepcopy(m.state_dict())
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    adv = fused_adv.AWP(m, opt, autocast=False, restore_mode="swap") if cls == "AWP" else \
+        getattr(fused_adv, cls)(m, restore_mode="swap")
+    held = set()
+    for _ in range(4):
+        m.zero_grad()
+        loss_of(m, data).backward()
+        if cls == "AWP":
+            adv.attack_backward(closure=lambda: loss_of(m, data), epoch=0)
+        else:
+            adv.attack(**({"is_first_attack": True} if cls == "PGD" else {}))
+            adv.restore()
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        held.add(emb(m).data_ptr())
+    assert len(held) == 2  # two storages alternate: nothing new is allocated in steady state
+    with pytest.raises(ValueError, match="restore_mode"):
+        fused_adv.FGM(m, restore_mode="pointer")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_exception_inside_awp_adversarial_pass_restores_weights(dtype, device_backend):
     device, backend = device_backend

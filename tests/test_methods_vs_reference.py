@@ -13,9 +13,9 @@ from tolerance import FP32_TRAINING_RTOL, assert_close_to_oracle
 STEPS = 3
 
 
-def run(method, model, *, fused, backend="auto", steps=STEPS, seed0=0, vocab=50, classes=3):
+def run(method, model, *, fused, backend="auto", steps=STEPS, seed0=0, vocab=50, classes=3, **adv_kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    adv = make_adversary(method, model, opt, fused=fused, backend=backend)
+    adv = make_adversary(method, model, opt, fused=fused, backend=backend, **adv_kw)
     device = next(model.parameters()).device
     snapshots = []
     for s in range(steps):
@@ -42,6 +42,21 @@ def test_fp32_toy_training_matches_reference(method, device_backend):
     names = [n for n, _ in model.named_parameters()]
     assert_same_trajectory(run(method, model, fused=False), run(method, fused_model, fused=True, backend=backend),
                            names)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_restore_by_pointer_swap_matches_reference(method, device_backend):
+    """restore_mode="swap" (opt-in): no restore pass, the backups and parameters trade storage."""
+    device, backend = device_backend
+    torch.manual_seed(0)
+    model = ToyBert().to(device)
+    fused_model = copy.deepcopy(model)
+    emb = fused_model.embeddings.word_embeddings.weight
+    ptr_before = emb.data_ptr()
+    names = [n for n, _ in model.named_parameters()]
+    assert_same_trajectory(run(method, model, fused=False),
+                           run(method, fused_model, fused=True, backend=backend, restore_mode="swap"), names)
+    assert emb.data_ptr() != ptr_before or STEPS % 2 == 0  # storage traded at every restore
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -6,6 +6,16 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fused_adv import ops
+
+RESTORE_MODES = ("copy", "swap")
+
+
+def check_restore_mode(mode: str) -> str:
+    if mode not in RESTORE_MODES:
+        raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {mode!r}")
+    return mode
+
 
 class AttackStateError(RuntimeError):
     """A method was called out of order (restore without attack, attack twice, ...)."""
@@ -66,6 +76,23 @@ class BackupPool:
                 self._buffers[id(p)] = b
             out.append(b)
         return out
+
+    def restore(self, pairs: list[tuple[nn.Parameter, torch.Tensor]], backend: str, mode: str) -> None:
+        """P <- B for every (param, backup) pair, bit-exact.
+
+        mode "copy": one multi-tensor copy; the parameter keeps its storage.
+        mode "swap": no pass at all: ``param.data`` is re-pointed at its backup (what the community
+        classes do) and the perturbed storage becomes the next step's backup buffer.  Opt-in,
+        because anything holding the parameter's old storage breaks: flattened-parameter
+        optimizers and FSDP/DeepSpeed views, CUDA graphs, compiled code guarding on addresses.
+        """
+        if mode == "swap":
+            for p, b in pairs:
+                perturbed = p.data
+                p.data = b
+                self._buffers[id(p)] = perturbed
+        else:
+            ops.restore_(data_of(p for p, _ in pairs), [b for _, b in pairs], backend=backend)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
 from fused_adv.reference.awp import adversarial_backward
 
 
 class AWP:
     """``AWP(model, optimizer, adv_param='weight', adv_lr=1.0, adv_eps=0.2, start_epoch=0,
-    adv_step=1, scaler=None, *, backend='auto', autocast=None)``.
+    adv_step=1, scaler=None, *, backend='auto', autocast=None, restore_mode='copy')``.
 
     ``attack_backward(x, y, attention_mask, epoch)`` (Kaggle convention: the loss of
     ``model(input_ids=x, attention_mask=attention_mask, labels=y)``) or
@@ -39,7 +39,7 @@ class AWP:
 
     def __init__(self, model: nn.Module, optimizer, adv_param: str = "weight", adv_lr: float = 1.0,
                  adv_eps: float = 0.2, start_epoch: int = 0, adv_step: int = 1, scaler=None, *,
-                 backend: str = "auto", autocast: bool | None = None):
+                 backend: str = "auto", autocast: bool | None = None, restore_mode: str = "copy"):
         if adv_step < 1:
             raise ValueError(f"adv_step must be >= 1, got {adv_step}")
         self.model = model
@@ -52,6 +52,7 @@ class AWP:
         self.scaler = scaler
         self.backend = backend
         self.autocast = autocast
+        self.restore_mode = check_restore_mode(restore_mode)
         self._pool = BackupPool()
         self._saved: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
 
@@ -103,7 +104,7 @@ class AWP:
     def restore(self) -> None:
         if self._saved is None:
             raise AttackStateError("AWP.restore() called without a prior attack_step()")
-        ops.restore_(data_of(p for p, _ in self._saved), [b for _, b in self._saved], backend=self.backend)
+        self._pool.restore(self._saved, self.backend, self.restore_mode)
         self._saved = None
 
     @contextlib.contextmanager

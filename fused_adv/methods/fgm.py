@@ -13,27 +13,29 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
 
 class FGM:
     """``FGM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto')``.
 
     ``attack(epsilon=None, emb_name=None)`` perturbs every trainable parameter whose name contains
     ``emb_name``: P <- P + epsilon*G/||G|| (skipped when ||G|| is 0 or NaN), after backing P up.
-    ``restore()`` puts the backed-up weights back bit for bit.  ``with fgm.perturbed(): ...``
+    ``restore()`` puts the backed-up weights back bit for bit (``restore_mode="swap"``: by
+    re-pointing ``param.data`` at the backup as the community class does, no copy; opt-in).  ``with fgm.perturbed(): ...``
     does both and restores even if the block raises.  Raises ValueError when ``emb_name``
     matches no trainable parameter, AttackStateError on restore() without attack() or on a
     second attack() before restore().
     """
 
     def __init__(self, model: nn.Module, emb_name: str = "word_embeddings", epsilon: float = 1.0, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", restore_mode: str = "copy"):
         self.model = model
         self.emb_name = emb_name
         self.epsilon = epsilon
         self.backend = backend
+        self.restore_mode = check_restore_mode(restore_mode)
         self._pool = BackupPool()
-        self._attacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (param data, backup)
+        self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
 
     def _perturb(self, params, grads, backups, epsilon: float) -> None:
         sumsq = ops.multi_tensor_sumsq(grads, backend=self.backend)
@@ -56,14 +58,13 @@ class FGM:
         if with_grad:
             self._perturb(data_of(chosen[i] for i in with_grad), [chosen[i].grad for i in with_grad],
                           [backups[i] for i in with_grad], epsilon)
-        self._attacked = list(zip(data_of(chosen), backups))
+        self._attacked = list(zip(chosen, backups))
 
     @torch.no_grad()
     def restore(self, emb_name: str | None = None) -> None:
         if self._attacked is None:
             raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack()")
-        params, backups = zip(*self._attacked) if self._attacked else ((), ())
-        ops.restore_(list(params), list(backups), backend=self.backend)
+        self._pool.restore(self._attacked, self.backend, self.restore_mode)
         self._attacked = None
 
     @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, data_of, select_by_name
+from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
 
 
 class PGD:
@@ -36,12 +36,13 @@ class PGD:
     """
 
     def __init__(self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3,
-                 emb_name: str = "word_embeddings", *, backend: str = "auto"):
+                 emb_name: str = "word_embeddings", *, backend: str = "auto", restore_mode: str = "copy"):
         self.model = model
         self.epsilon = epsilon
         self.alpha = alpha
         self.emb_name = emb_name
         self.backend = backend
+        self.restore_mode = check_restore_mode(restore_mode)
         self._pool = BackupPool()
         self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
         self._grads_aside: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -93,8 +94,7 @@ class PGD:
     def restore(self, emb_name: str | None = None) -> None:
         if self._attacked is None:
             raise AttackStateError("PGD.restore() called without a prior attack(is_first_attack=True)")
-        ops.restore_(data_of(p for p, _ in self._attacked), [b for _, b in self._attacked],
-                     backend=self.backend)
+        self._pool.restore(self._attacked, self.backend, self.restore_mode)
         self._attacked = None
 
     def backup_grad(self) -> None:
