@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_adv.ops import activation as _ops
+from fused_adv.reference import sift as _reference_sift
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
@@ -132,7 +133,7 @@ def hook_sift_layer(model, hidden_size, learning_rate=1e-4, init_perturbation=1e
     return adv_modules
 
 
-class AdversarialLearner:
+class AdversarialLearner(_reference_sift.AdversarialLearner):
     """The SiFT adversarial loss term (same API as DeBERTa's AdversarialLearner).
 
     ``loss(target, logits_fn, loss_fn='symmetric-kl', *wargs, **kwargs)``: freezes the
@@ -145,13 +146,11 @@ class AdversarialLearner:
     def __init__(self, model, adv_modules=None):
         if adv_modules is None:
             adv_modules = [m for m in model.modules() if isinstance(m, PerturbationLayer)]
-        self.adv_modules = adv_modules
-        self.parameters = [p for p in model.parameters()]
-        self.model = model
+        super().__init__(model, adv_modules)
 
     def loss(self, target, logits_fn, loss_fn="symmetric-kl", *wargs, **kwargs):
         self.prepare()
-        try:
+        try:  # unlike the original, requires_grad and normal mode come back even if a forward raises
             if isinstance(loss_fn, str):
                 loss_fn = perturbation_loss_fns[loss_fn]
             pert_logits = logits_fn(self.model, *wargs, **kwargs)
@@ -166,19 +165,6 @@ class AdversarialLearner:
         finally:
             self.cleanup()
         return pert_loss.mean()
-
-    def prepare(self):
-        self.prev = [p.requires_grad for p in self.parameters]
-        for p in self.parameters:
-            p.requires_grad_(False)
-        for m in self.adv_modules:
-            m.adversarial_(True)
-
-    def cleanup(self):
-        for r, p in zip(self.prev, self.parameters):
-            p.requires_grad_(r)
-        for m in self.adv_modules:
-            m.adversarial_(False)
 
 
 def symmetric_kl(logits, target):
