@@ -149,22 +149,10 @@ class AdversarialLearner(_reference_sift.AdversarialLearner):
         super().__init__(model, adv_modules)
 
     def loss(self, target, logits_fn, loss_fn="symmetric-kl", *wargs, **kwargs):
-        self.prepare()
-        try:  # unlike the original, requires_grad and normal mode come back even if a forward raises
-            if isinstance(loss_fn, str):
-                loss_fn = perturbation_loss_fns[loss_fn]
-            pert_logits = logits_fn(self.model, *wargs, **kwargs)
-            pert_loss = loss_fn(pert_logits, target.detach()).sum()
-            pert_loss.backward()
-            for m in self.adv_modules:
-                m.update_delta(True)
-            for r, p in zip(self.prev, self.parameters):
-                p.requires_grad_(r)
-            pert_logits = logits_fn(self.model, *wargs, **kwargs)
-            pert_loss = symmetric_kl(pert_logits, target)
-        finally:
-            self.cleanup()
-        return pert_loss.mean()
+        try:
+            return super().loss(target, logits_fn, loss_fn, *wargs, **kwargs)
+        finally:  # unlike the original, requires_grad and normal mode come back even if a forward
+            self.cleanup()  # raises (cleanup is idempotent: a second call after success changes nothing)
 
 
 def symmetric_kl(logits, target):

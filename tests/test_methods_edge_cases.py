@@ -69,7 +69,7 @@ def test_awp_tied_weights_selected_once(device_backend):
     awp = fused_adv.AWP(m, torch.optim.SGD(m.parameters(), lr=0.1), backend=backend, autocast=False)
     loss_of(m, [t.to(device) for t in batch(0)]).backward()
     awp.attack_step(first=True)
-    assert sum(p is emb(m) for p, _ in awp._saved) == 1
+    assert sum(p is emb(m) for p, _ in awp._attacked) == 1
     awp.restore()
 
 

@@ -1,6 +1,7 @@
 """What the fused drop-in classes share: choosing parameters by name and owning their backups."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -99,6 +100,46 @@ class BackupPool:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+
+class Perturbation:
+    """What the drop-in classes share: the attacked state, restore, ``perturbed()`` and memory.
+
+    Subclasses set ``self._pool`` (a BackupPool), ``self.backend``, ``self.restore_mode`` and
+    ``self._attacked`` (list of (param, backup) while attacked, else None), and define
+    ``attack(**kwargs)``; ``_attack_defaults`` lets them fill in keyword defaults for
+    ``perturbed()``."""
+
+    _attacked: list | None = None
+
+    @torch.no_grad()
+    def restore(self, *_args, **_kwargs) -> None:
+        """Puts the backed-up weights back bit for bit (arguments accepted for drop-in
+        compatibility with ``restore(emb_name=...)``; what was attacked is restored)."""
+        if self._attacked is None:
+            raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack")
+        self._pool.restore(self._attacked, self.backend, self.restore_mode)
+        self._attacked = None
+
+    def _attack_defaults(self, kwargs: dict) -> dict:
+        return kwargs
+
+    @contextlib.contextmanager
+    def perturbed(self, **attack_kwargs):
+        """Attack on entry, restore on exit (also when the block raises)."""
+        self.attack(**self._attack_defaults(attack_kwargs))
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    @property
+    def is_attacked(self) -> bool:
+        return self._attacked is not None
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes held by the backups: one copy of the perturbed weights."""
+        return self._pool.nbytes()
 
 
 def data_of(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
+from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
+                                       select_by_name)
 from fused_adv.reference.awp import adversarial_backward
 
 
-class AWP:
+class AWP(Perturbation):
     """``AWP(model, optimizer, adv_param='weight', adv_lr=1.0, adv_eps=0.2, start_epoch=0,
     adv_step=1, scaler=None, *, backend='auto', autocast=None, restore_mode='copy')``.
 
@@ -54,7 +55,7 @@ class AWP:
         self.autocast = autocast
         self.restore_mode = check_restore_mode(restore_mode)
         self._pool = BackupPool()
-        self._saved: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
+        self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
 
     # -- the Kaggle entry point --------------------------------------------------------------
     def attack_backward(self, x=None, y=None, attention_mask=None, epoch: int = 0, *,
@@ -70,7 +71,7 @@ class AWP:
                 self.attack_step(first=(step == 0))
                 adv_loss = adversarial_backward(self, x, y, attention_mask, closure, backward)
         finally:
-            if self._saved is not None:
+            if self._attacked is not None:
                 self.restore()
         return None if adv_loss is None else adv_loss.detach()
 
@@ -80,16 +81,16 @@ class AWP:
         """One perturbation step.  ``first`` selects the parameters (trainable, with a grad, name
         containing ``adv_param``) and backs them up; later steps reuse that selection."""
         if first:
-            if self._saved is not None:
+            if self._attacked is not None:
                 raise AttackStateError("AWP.attack_step(first=True) called again before restore()")
             chosen = [p for _, p in select_by_name(self.model, self.adv_param, what="adv_param",
                                                    require_grad=True)]
-            self._saved = list(zip(chosen, self._pool.get(chosen)))
-        elif self._saved is None:
+            self._attacked = list(zip(chosen, self._pool.get(chosen)))
+        elif self._attacked is None:
             raise AttackStateError("AWP.attack_step(first=False) before attack_step(first=True)")
         # A parameter may have lost its grad after the first step (no adversarial gradient):
         # the Kaggle class skips it for that step, and so do we (it stays saved and restored).
-        live = [(p, b) for p, b in self._saved if p.grad is not None]
+        live = [(p, b) for p, b in self._attacked if p.grad is not None]
         if not live:
             return
         params = data_of(p for p, _ in live)
@@ -100,28 +101,13 @@ class AWP:
         ops.awp_perturb_(params, grads, backups, sumsq[:n], sumsq[n:], self.adv_lr, self.adv_eps, first,
                          backend=self.backend)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        if self._saved is None:
-            raise AttackStateError("AWP.restore() called without a prior attack_step()")
-        self._pool.restore(self._saved, self.backend, self.restore_mode)
-        self._saved = None
-
     @contextlib.contextmanager
-    def perturbed(self, steps: int = 1):
+    def perturbed(self, steps: int = 1):  # AWP's attack is attack_step: its own perturbed()
         """``steps`` perturbation steps on entry (gradients as they are), restore on exit."""
         try:
             for step in range(steps):
                 self.attack_step(first=(step == 0))
             yield self
         finally:
-            if self._saved is not None:
+            if self._attacked is not None:
                 self.restore()
-
-    @property
-    def is_attacked(self) -> bool:
-        return self._saved is not None
-
-    def extra_memory_bytes(self) -> int:
-        """Bytes held by the backups: one copy of the perturbed weights (the Kaggle class: three)."""
-        return self._pool.nbytes()

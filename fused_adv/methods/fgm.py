@@ -7,15 +7,14 @@ Restore is one multi-tensor copy, bit-exact.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
+from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
+                                       select_by_name)
 
-class FGM:
+class FGM(Perturbation):
     """``FGM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto')``.
 
     ``attack(epsilon=None, emb_name=None)`` perturbs every trainable parameter whose name contains
@@ -60,29 +59,6 @@ class FGM:
                           [backups[i] for i in with_grad], epsilon)
         self._attacked = list(zip(chosen, backups))
 
-    @torch.no_grad()
-    def restore(self, emb_name: str | None = None) -> None:
-        if self._attacked is None:
-            raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack()")
-        self._pool.restore(self._attacked, self.backend, self.restore_mode)
-        self._attacked = None
-
-    @contextlib.contextmanager
-    def perturbed(self, **attack_kwargs):
-        """Attack on entry, restore on exit (also when the block raises)."""
-        self.attack(**attack_kwargs)
-        try:
-            yield self
-        finally:
-            self.restore()
-
-    @property
-    def is_attacked(self) -> bool:
-        return self._attacked is not None
-
-    def extra_memory_bytes(self) -> int:
-        """Bytes held by the backups (one copy of the perturbed weights)."""
-        return self._pool.nbytes()
 
 class FGSM(FGM):
     """Sign variant: P <- P + epsilon*sign(G) (no norm, no skip rule).  Same API as :class:`FGM`."""

@@ -7,16 +7,15 @@ of cloning them (no copy; the grads are handed back by ``restore_grad()``).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
+from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
+                                       select_by_name)
 
 
-class PGD:
+class PGD(Perturbation):
     """``PGD(model, epsilon=1.0, alpha=0.3, emb_name='word_embeddings', *, backend='auto')``.
 
     Loop (K steps), exactly as with the community class::
@@ -90,13 +89,6 @@ class PGD:
         if is_first_attack:
             self._attacked = list(zip(chosen, backups))
 
-    @torch.no_grad()
-    def restore(self, emb_name: str | None = None) -> None:
-        if self._attacked is None:
-            raise AttackStateError("PGD.restore() called without a prior attack(is_first_attack=True)")
-        self._pool.restore(self._attacked, self.backend, self.restore_mode)
-        self._attacked = None
-
     def backup_grad(self) -> None:
         """Sets the clean gradients of all trainable parameters aside (no copy)."""
         self._grads_aside = [(p, p.grad) for p in self.model.parameters() if p.requires_grad and p.grad is not None]
@@ -109,19 +101,6 @@ class PGD:
             p.grad = g
         self._grads_aside = []
 
-    @contextlib.contextmanager
-    def perturbed(self, **attack_kwargs):
-        """One attack step (a first one unless already attacked) on entry; restore on exit."""
-        attack_kwargs.setdefault("is_first_attack", self._attacked is None)
-        self.attack(**attack_kwargs)
-        try:
-            yield self
-        finally:
-            self.restore()
-
-    @property
-    def is_attacked(self) -> bool:
-        return self._attacked is not None
-
-    def extra_memory_bytes(self) -> int:
-        return self._pool.nbytes()
+    def _attack_defaults(self, kwargs: dict) -> dict:
+        """``perturbed()`` takes a first attack step unless one was already taken."""
+        return {"is_first_attack": self._attacked is None, **kwargs}
