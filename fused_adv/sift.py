@@ -28,10 +28,10 @@ Deliberate departures (documented, none changes the numbers in normal use):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fused_adv.ops import activation as _ops
 from fused_adv.reference import sift as _reference_sift
+from fused_adv.reference.sift import kl, mse, perturbation_loss_fns, symmetric_kl  # noqa: F401 (same API)
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
@@ -154,24 +154,3 @@ class AdversarialLearner(_reference_sift.AdversarialLearner):
         finally:  # unlike the original, requires_grad and normal mode come back even if a forward
             self.cleanup()  # raises (cleanup is idempotent: a second call after success changes nothing)
 
-
-def symmetric_kl(logits, target):
-    """[rows] float32: CE(p_t, log p_s) + CE(p_s, log p_t), probabilities detached, rows of C
-    logits; d/d logits = p_s - p_t, d/d target = p_t - p_s."""
-    ls = F.log_softmax(logits.reshape(-1, logits.size(-1)).float(), -1)
-    lt = F.log_softmax(target.reshape(-1, target.size(-1)).float(), -1)
-    ps, pt = ls.exp().detach(), lt.exp().detach()
-    return (pt * (-ls)).sum(-1) + (ps * (-lt)).sum(-1)
-
-
-def kl(logits, target):
-    ls = F.log_softmax(logits.reshape(-1, logits.size(-1)).float(), -1)
-    lt = F.log_softmax(target.reshape(-1, target.size(-1)).float().detach(), -1)
-    return (lt.exp() * (-ls)).sum(-1)
-
-
-def mse(logits, target):
-    return F.mse_loss(logits.reshape(-1).float(), target.reshape(-1).float())
-
-
-perturbation_loss_fns = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
