@@ -19,71 +19,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from torch.utils.data import SequentialSampler  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
-
 from fused_adv import reference  # noqa: E402
 from fused_adv.integrations.hf import AdversarialTrainerMixin, make_adversarial  # noqa: E402
+from hf_harness import (BS, KW, LR, PGD_K, RTOL, SEQ, VOCAB, AdvTrainer, OrderedTrainer,  # noqa: E402,F401
+                        ScalerSpyTrainer, assert_params_differ, assert_same_params, collate, cpu_grad_scaler,
+                        dataset, install_scaler, lora_bert, run_trainer, targs, trainer_divides_by_ga)
 from models import tiny_bert_cls  # noqa: E402
-
-VOCAB, SEQ, BS, N_DATA = 64, 8, 4, 32
-LR = 0.5           # large enough that the adversarial part of the gradient moves the weights visibly
-RTOL = 2e-5
-# Method arguments used for both the Trainer and the reference loop (values chosen so every
-# perturbation is active and changes the gradient: FGSM's epsilon is per element).
-KW = {"fgm": {"epsilon": 0.5}, "fgsm": {"epsilon": 0.02}, "pgd": {"epsilon": 0.6, "alpha": 0.3},
-      "awp": {"adv_lr": 0.5, "adv_eps": 0.05}}
-PGD_K = 3
-
-
-def dataset(n=N_DATA, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(1, VOCAB, (SEQ,), generator=g)
-        mask = torch.ones(SEQ, dtype=torch.long)
-        mask[SEQ - 1 - i % 3:] = 0           # some padding, as real batches have
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(i * 7 % 2)})
-    return rows
-
-
-def collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-class OrderedTrainer(Trainer):
-    """The data in dataset order (the default sampler shuffles)."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
-
-class AdvTrainer(AdversarialTrainerMixin, OrderedTrainer):
-    pass
-
-
-def targs(tmp_path, steps, ga=1, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BS,
-                gradient_accumulation_steps=ga, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
-                max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1,
-                disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-def run_trainer(tmp_path, method, steps=3, ga=1, trainer_cls=AdvTrainer, model=None, setup=None,
-                args_kw=None, data=None, **akw):
-    model = tiny_bert_cls(seed=0, vocab=VOCAB) if model is None else model
-    kwargs = dict(KW.get(method, {}))
-    kwargs.update(akw)
-    extra = {"adversarial": method, "adversarial_kwargs": kwargs} if issubclass(trainer_cls, AdversarialTrainerMixin) else {}
-    tr = trainer_cls(model=model, args=targs(tmp_path, steps, ga, **(args_kw or {})),
-                     train_dataset=dataset() if data is None else data, **extra)
-    if setup is not None:
-        setup(tr)
-    tr.train()
-    return tr
-
 
 # -- the oracle: hand-written loops with the community classes ---------------------------------
 
@@ -175,24 +116,6 @@ def reference_loop(method, steps=3, ga=1, perturb_from="micro_batch", divide_by_
 
 
 
-def assert_same_params(trained, expected, rtol=RTOL):
-    got = dict(trained.named_parameters())
-    for name, p in expected.named_parameters():
-        q = got[name].detach()
-        # floor 1e-3: attention key biases get a pure rounding-noise gradient (softmax is invariant
-        # to them) and stay ~1e-13; every other tensor is >= 1e-3 here
-        err = (q - p.detach()).abs().max().item() / max(p.detach().abs().max().item(), 1e-3)
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
-
-
-def assert_params_differ(a, b, min_rel=1e-4):
-    """Guards the comparisons above against passing vacuously (e.g. if the adversarial pass did
-    nothing, the plain run would also match the reference)."""
-    worst = max((p.detach() - q.detach()).abs().max().item() / max(q.abs().max().item(), 1e-12)
-                for p, q in zip(a.parameters(), b.parameters()))
-    assert worst > min_rel, f"runs differ by only {worst:.3g}: the test could not fail"
-
-
 # -- tests -----------------------------------------------------------------------------------
 
 
@@ -211,14 +134,6 @@ def test_method_matches_reference_loop(tmp_path, method):
     expected = reference_loop(method, steps=2)
     assert_same_params(tr.model, expected)
     assert_params_differ(expected, reference_loop(None, steps=2))
-
-
-def trainer_divides_by_ga(tr) -> bool:
-    """Whether the installed Trainer divides this model's loss by the GA steps (it does not when
-    the model accepts loss kwargs and num_items_in_batch is known: transformers >= 4.46)."""
-    if getattr(tr, "loss_is_scaled_for_ga", None) is not None:
-        return not tr.loss_is_scaled_for_ga
-    return not (getattr(tr, "model_accepts_loss_kwargs", False) or tr.compute_loss_func is not None)
 
 
 @pytest.mark.parametrize("method,perturb_from", [("fgm", "micro_batch"), ("fgm", "accumulated"),
@@ -243,35 +158,6 @@ def test_gradient_accumulation_when_trainer_divides(tmp_path):
     tr = run_trainer(tmp_path, "pgd", steps=2, ga=2, setup=no_loss_kwargs)
     assert trainer_divides_by_ga(tr)
     assert_same_params(tr.model, reference_loop("pgd", steps=2, ga=2, divide_by_ga=True))
-
-
-def cpu_grad_scaler(init_scale):
-    if not hasattr(torch.amp, "GradScaler"):
-        pytest.skip("torch.amp.GradScaler('cpu') needs torch >= 2.3")
-    return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
-
-
-class ScalerSpyTrainer(AdvTrainer):
-    """Records the GradScaler's per-optimizer stage after every training_step: READY means nobody
-    called unscale_ during the step (the Trainer unscales once, in scaler.step)."""
-
-    def training_step(self, *args, **kwargs):
-        out = super().training_step(*args, **kwargs)
-        scaler = self.accelerator.scaler
-        opt = self.optimizer.optimizer
-        state = scaler._per_optimizer_states.get(id(opt)) if hasattr(scaler, "_per_optimizer_states") else None
-        self.stages.append(None if not state else state["stage"])
-        return out
-
-
-def install_scaler(init_scale):
-    def setup(tr):
-        # accelerate builds a GradScaler only for fp16 on an accelerator; on CPU we hand it a CPU
-        # one (before train(): AcceleratedOptimizer takes it at prepare time), which is the same
-        # path: accelerator.backward scales, AcceleratedOptimizer.step unscales/skips/updates.
-        tr.accelerator.scaler = cpu_grad_scaler(init_scale)
-        tr.stages = []
-    return setup
 
 
 @pytest.mark.parametrize("method", ["fgm", "awp"])
@@ -443,15 +329,6 @@ def test_frozen_embeddings_refused_or_unfrozen(tmp_path):
     ref = tiny_bert_cls(seed=0, vocab=VOCAB)
     params = [p for n, p in ref.named_parameters() if "word_embeddings" not in n]
     assert_same_params(tr.model, reference_loop("pgd", steps=2, model=ref, params=params))
-
-
-def lora_bert():
-    peft = pytest.importorskip("peft")
-    model = tiny_bert_cls(seed=0, vocab=VOCAB)
-    torch.manual_seed(1)
-    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0,
-                          target_modules=["query", "value"], init_lora_weights="gaussian")
-    return peft.get_peft_model(model, cfg)
 
 
 def test_peft_lora(tmp_path):

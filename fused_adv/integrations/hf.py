@@ -126,18 +126,37 @@ from fused_adv.methods._common import embedding_like_parameters
 
 __all__ = ["AdversarialTrainerMixin", "AdversarialConfig", "make_adversarial", "METHODS"]
 
-METHODS = ("fgm", "fgsm", "pgd", "awp")
-_EMBEDDING_METHODS = ("fgm", "fgsm", "pgd")
+METHODS = ("fgm", "fgsm", "pgd", "awp", "freelb", "smart", "sift")
+_EMBEDDING_METHODS = ("fgm", "fgsm", "pgd")          # perturb the input-embedding WEIGHT
+_WEIGHT_METHODS = _EMBEDDING_METHODS + ("awp",)       # perturb weights: backup/restore, grad bookkeeping
+_REGULARIZER_METHODS = ("smart", "sift")              # an extra loss term computed in compute_loss
 
-# Keys of adversarial_kwargs that configure the integration; every other key goes to the method's
-# constructor (and is checked against its signature when the trainer is configured).
-_OPTION_NAMES = ("backend", "perturb_from", "clean_pass_no_sync", "start_step", "start_epoch",
-                 "tied_embeddings", "frozen_embeddings", "K")
+# Keys of adversarial_kwargs that configure the integration (and which methods they apply to);
+# every other key goes to the method (checked against its signature when the trainer is configured).
+_OPTIONS = {
+    "backend": METHODS, "start_step": METHODS, "start_epoch": METHODS,
+    "perturb_from": _WEIGHT_METHODS, "clean_pass_no_sync": _WEIGHT_METHODS,
+    "tied_embeddings": _EMBEDDING_METHODS, "frozen_embeddings": _EMBEDDING_METHODS,
+    "K": ("pgd",),
+}
+_OPTION_NAMES = tuple(_OPTIONS)
+# SiFT has no class of its own: hook_sift_layer's arguments + these two configure it.
+_SIFT_EXTRA = ("loss_fn", "vat_lambda")
 _UNSET = object()
 
 
 def _method_class(method: str):
-    return {"fgm": fused_adv.FGM, "fgsm": fused_adv.FGSM, "pgd": fused_adv.PGD, "awp": fused_adv.AWP}[method]
+    return {"fgm": fused_adv.FGM, "fgsm": fused_adv.FGSM, "pgd": fused_adv.PGD, "awp": fused_adv.AWP,
+            "freelb": fused_adv.FreeLB, "smart": fused_adv.SMART}[method]
+
+
+def _method_arguments(method: str) -> set[str]:
+    """The method arguments adversarial_kwargs may hold (the integration supplies the others)."""
+    if method == "sift":
+        params = set(inspect.signature(fused_adv.hook_sift_layer).parameters) | set(_SIFT_EXTRA)
+        return params - {"model", "backend"}
+    taken = {"self", "model", "backend"} | ({"optimizer"} if method == "awp" else set())
+    return set(inspect.signature(_method_class(method).__init__).parameters) - taken
 
 
 @dataclass(frozen=True)
@@ -165,20 +184,21 @@ class AdversarialConfig:
         m = str(method).lower()
         if m not in METHODS:
             raise ValueError(f"adversarial={method!r}: expected one of {', '.join(METHODS)}")
-        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
+        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS}
+        for k in opts:
+            if m not in _OPTIONS[k]:
+                raise TypeError(f"{k!r} is a {'/'.join(x.upper() for x in _OPTIONS[k])} option, not one of {m}'s")
         if m == "awp" and "start_epoch" in opts:
             kwargs["start_epoch"] = opts["start_epoch"]          # AWP's own argument, same meaning
         elif m == "awp" and "start_epoch" in kwargs:
             opts["start_epoch"] = kwargs["start_epoch"]
-        if "K" in opts and m != "pgd":
-            raise TypeError(f"K (number of attack steps) is a PGD option, not one of {m}'s")
-        if "emb_name" in kwargs and kwargs["emb_name"] is None:
-            del kwargs["emb_name"]                               # None = get_input_embeddings()
-        taken = {"self", "model", "backend"} | ({"optimizer"} if m == "awp" else set())
-        params = inspect.signature(_method_class(m).__init__).parameters
-        unknown = sorted(set(kwargs) - (set(params) - taken))
+        for k in ("emb_name", "embedding", "embedding_module", "hidden_size"):
+            if k in kwargs and kwargs[k] is None:
+                del kwargs[k]                                    # None = found on the model
+        allowed_args = _method_arguments(m)
+        unknown = sorted(set(kwargs) - allowed_args)
         if unknown:
-            allowed = sorted((set(params) - taken) | set(_OPTION_NAMES) - ({"K"} if m != "pgd" else set()))
+            allowed = sorted(allowed_args | {k for k, ms in _OPTIONS.items() if m in ms})
             raise TypeError(f"adversarial_kwargs for {m!r}: unknown {unknown}; allowed: {allowed}")
         cfg = cls(method=m, method_kwargs=kwargs, **opts)
         if cfg.perturb_from not in ("micro_batch", "accumulated"):
@@ -189,8 +209,14 @@ class AdversarialConfig:
             raise ValueError(f"frozen_embeddings={cfg.frozen_embeddings!r}: expected 'error' or 'unfreeze'")
         if int(cfg.K) < 1:
             raise ValueError(f"K must be >= 1, got {cfg.K}")
-        if m == "awp" and int(kwargs.get("adv_step", 1)) < 1:
-            raise ValueError(f"adv_step must be >= 1, got {kwargs['adv_step']}")
+        steps_arg = {"awp": "adv_step", "freelb": "adv_K", "smart": "adv_K"}.get(m)
+        if steps_arg and int(kwargs.get(steps_arg, 1)) < 1:
+            raise ValueError(f"{steps_arg} must be >= 1, got {kwargs[steps_arg]}")
+        if m == "sift":
+            loss_fn = kwargs.get("loss_fn", "symmetric-kl")
+            if not callable(loss_fn) and loss_fn not in fused_adv.sift.perturbation_loss_fns:
+                raise ValueError(f"loss_fn={loss_fn!r}: expected one of "
+                                 f"{', '.join(fused_adv.sift.perturbation_loss_fns)} or a callable")
         return cfg
 
 
@@ -204,10 +230,18 @@ class _State:
         self.targets: list[nn.Parameter] = []    # fgm/fgsm/pgd: the perturbed embedding weight(s)
         self.frozen: list[nn.Parameter] = []     # targets to unfreeze for the step (frozen_embeddings="unfreeze")
         self.awp_ids: set[int] = set()           # awp: ids of the parameters adv_param may select
+        self.sift_hooked: list[nn.Module] = []   # sift: the modules carrying the PerturbationLayer hook
         self.loss_sum = None           # sum of finite adversarial losses (tensor, no host sync)
         self.loss_finite = None        # how many of them were finite
         self.loss_count = 0            # how many were recorded
         self.last_logged_step = 0
+
+    def release(self) -> None:
+        """Undo what building the attacker did to the model (SiFT's forward pre-hooks)."""
+        for module in self.sift_hooked:
+            _remove_sift_hooks(module)
+        self.sift_hooked = []
+        self.model = self.attacker = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +320,44 @@ def _unwrap(trainer, model):
     return getattr(model, "module", model)
 
 
+def _remove_sift_hooks(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "adv_hook":
+            del module._forward_pre_hooks[key]
+
+
+def _embedding_module(model: nn.Module) -> nn.Module:
+    """SMART's perturbed module (the embedding block, whose output is after LayerNorm/dropout):
+    ``base_model.embeddings``, looking through a PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(inner, "base_model", inner)
+    emb = getattr(base, "embeddings", None)
+    if not isinstance(emb, nn.Module):
+        raise ValueError(f"SMART: {type(inner).__name__} has no base_model.embeddings module; pass "
+                         f"adversarial_kwargs={{'embedding_module': <the module whose output to perturb>}}")
+    return emb
+
+
+def _logits_of(outputs) -> torch.Tensor:
+    """The logits in what compute_loss(return_outputs=True) gives back next to the loss."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:   # ModelOutput, dict
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"SMART/SiFT need the clean logits: compute_loss(..., return_outputs=True) returned "
+                    f"outputs of type {type(outputs).__name__} without 'logits'. Return the model output "
+                    f"(a ModelOutput/dict with 'logits') or the logits tensor.")
+
+
+def _accumulation_steps(trainer) -> int:
+    """How many micro-batches make this optimizer step (the last one of an epoch may have fewer)."""
+    return int(getattr(trainer, "current_gradient_accumulation_steps", None)
+               or trainer.args.gradient_accumulation_steps)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -328,6 +400,9 @@ class AdversarialTrainerMixin:
         return self
 
     def _adv_apply(self, cfg: AdversarialConfig) -> None:
+        old = self.__dict__.get("_adv_state")
+        if old is not None:
+            old.release()
         self._adv_cfg = cfg
         self._adv_state = _State()
         self.adversarial = cfg.method
@@ -382,9 +457,20 @@ class AdversarialTrainerMixin:
         if st.attacker is not None and st.model is model:
             return st
         self._adv_check_supported()
+        st.release()
         kwargs = dict(cfg.method_kwargs)
         st.targets, st.frozen, st.awp_ids = [], [], set()
-        if cfg.method in _EMBEDDING_METHODS:
+        unwrapped = _unwrap(self, model)
+        if cfg.method == "freelb":
+            st.attacker = fused_adv.FreeLB(backend=cfg.backend, **kwargs)
+            if st.attacker.embedding is None:
+                st.attacker.embedding = unwrapped.get_input_embeddings()
+        elif cfg.method == "smart":
+            kwargs.setdefault("embedding_module", _embedding_module(unwrapped))
+            st.attacker = fused_adv.SMART(backend=cfg.backend, **kwargs)
+        elif cfg.method == "sift":
+            st.attacker = self._adv_build_sift(unwrapped, kwargs, cfg)
+        elif cfg.method in _EMBEDDING_METHODS:
             emb_name, st.targets, st.frozen = self._adv_resolve_embedding(model, kwargs.pop("emb_name", None), cfg)
             st.attacker = _method_class(cfg.method)(model, emb_name=emb_name, backend=cfg.backend, **kwargs)
         else:
@@ -397,6 +483,27 @@ class AdversarialTrainerMixin:
             st.awp_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and adv_param in n}
         st.model = model
         return st
+
+    def _adv_build_sift(self, unwrapped: nn.Module, kwargs: dict, cfg: AdversarialConfig):
+        """Hooks PerturbationLayers on the unwrapped model (DeBERTa's hook_sift_layer: the hooked
+        module's input is normalised in every forward from now on, evaluation included, as in
+        DeBERTa) and returns the fused AdversarialLearner, with ``loss_fn``/``vat_lambda`` on it."""
+        loss_fn = kwargs.pop("loss_fn", "symmetric-kl")
+        vat_lambda = float(kwargs.pop("vat_lambda", 1.0))
+        if "hidden_size" not in kwargs:
+            hidden = getattr(getattr(unwrapped, "config", None), "hidden_size", None)
+            if hidden is None:
+                raise ValueError("SiFT: the model has no config.hidden_size; pass adversarial_kwargs="
+                                 "{'hidden_size': <last dim of target_module's input>}")
+            kwargs["hidden_size"] = hidden
+        target = kwargs.get("target_module", "embeddings.LayerNorm")
+        hooked = ([m for n, m in unwrapped.named_modules() if target in n] if isinstance(target, str)
+                  else [target])
+        adv_modules = fused_adv.hook_sift_layer(unwrapped, backend=cfg.backend, **kwargs)
+        self._adv_state.sift_hooked = hooked
+        learner = fused_adv.sift.AdversarialLearner(unwrapped, adv_modules)
+        learner.loss_fn, learner.vat_lambda = loss_fn, vat_lambda
+        return learner
 
     def _adv_resolve_embedding(self, model: nn.Module, emb_name: str | None, cfg: AdversarialConfig):
         """-> (emb_name for the fused class, target params, frozen targets to unfreeze per step)."""
@@ -435,7 +542,9 @@ class AdversarialTrainerMixin:
                     f"community classes silently do nothing). Either make the embedding trainable (PEFT: "
                     f"modules_to_save=['embed_tokens'/'word_embeddings']), pass adversarial_kwargs="
                     f"{{'frozen_embeddings': 'unfreeze'}} to compute its gradient during the step only (it is "
-                    f"never updated), or use adversarial='awp' on the trainable (adapter) weights.")
+                    f"never updated), use an activation-space method (adversarial='freelb' | 'smart' | 'sift': "
+                    f"they perturb the embedding OUTPUT and need no embedding gradient), or adversarial='awp' "
+                    f"on the trainable (adapter) weights.")
             targets = frozen = [p for _, p in matched]
         # Tied weights: the same tensor reachable under another name, or another parameter sharing storage.
         all_named = list(model.named_parameters(remove_duplicate=False))
@@ -470,9 +579,11 @@ class AdversarialTrainerMixin:
             loss = super().training_step(model, inputs, *pass_args, **kwargs)
         return loss, captured.get("inputs", _UNSET)
 
-    def _adv_adversarial_pass(self, model, inputs, prepared, pass_args, kwargs, no_sync: bool):
-        """One adversarial forward/backward through the Trainer's own training_step."""
-        step = None if self.adversarial_pass_uses_super else _hf_training_step(type(self))
+    def _adv_adversarial_pass(self, model, inputs, prepared, pass_args, kwargs, no_sync: bool,
+                              use_super: bool = False):
+        """One adversarial forward/backward through the Trainer's own training_step (or through
+        ``super().training_step``, the subclass chain's, with ``use_super``)."""
+        step = None if (use_super or self.adversarial_pass_uses_super) else _hf_training_step(type(self))
         if step is None:
             step = super().training_step
         else:
@@ -494,7 +605,8 @@ class AdversarialTrainerMixin:
             return super().training_step(model, inputs, *pass_args, **kwargs)
         st = self._adv_build(model, cfg)
         run = {"fgm": self._adv_step_fgm, "fgsm": self._adv_step_fgm, "pgd": self._adv_step_pgd,
-               "awp": self._adv_step_awp}[cfg.method]
+               "awp": self._adv_step_awp, "freelb": self._adv_step_freelb, "smart": self._adv_step_regularizer,
+               "sift": self._adv_step_regularizer}[cfg.method]
         loss, adv_loss = run(model, inputs, pass_args, kwargs, cfg, st)
         self._adv_record(adv_loss)
         return loss
@@ -568,6 +680,92 @@ class AdversarialTrainerMixin:
                 awp.restore()
             _hand_back(stash)
         return loss, adv_loss
+
+    def _adv_step_freelb(self, model, inputs, pass_args, kwargs, cfg, st):
+        """FreeLB's K passes on embeddings + delta, each through the Trainer's step with its loss
+        divided by K at the backward (accelerator.backward(loss / K)): the parameter grads
+        accumulate the mean of the K adversarial gradients.  Returns the mean adversarial loss."""
+        freelb = st.attacker
+        prepared = self._prepare_inputs(inputs)          # once: every pass reuses it
+        if not isinstance(prepared, Mapping) or "input_ids" not in prepared:
+            raise ValueError("FreeLB replaces the batch's 'input_ids' by 'inputs_embeds', but this batch has no "
+                             f"'input_ids' (keys: {sorted(prepared) if isinstance(prepared, Mapping) else '?'})")
+        base = dict(prepared)
+        input_ids = base.pop("input_ids")
+        mask = base.get("attention_mask")
+        if mask is None:                                 # no padding: every token counts in the init
+            mask = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        K = int(freelb.adv_K)
+        backward = self.accelerator.backward
+
+        def backward_mean_of_K(loss, **kw):
+            return backward(loss / K, **kw)
+
+        embeds = freelb.embedding(input_ids)
+        delta = freelb.init_delta(embeds, mask).contiguous()
+        total = None
+        with _instance_override(self.accelerator, "backward", backward_mean_of_K):
+            for k in range(K):
+                delta.requires_grad_()
+                batch = dict(base, inputs_embeds=delta + embeds)
+                last = k == K - 1
+                # Every pass's parameter grad is KEPT, so the non-final passes can skip DDP's
+                # all-reduce exactly: the final (synchronised) backward reduces the accumulated sum.
+                loss = self._adv_adversarial_pass(model, inputs, batch, pass_args, kwargs, no_sync=not last,
+                                                  use_super=(k == 0))
+                total = loss if total is None else total + loss
+                if last:
+                    break
+                grad, delta.grad = delta.grad, None
+                if grad is None:
+                    raise RuntimeError("FreeLB: delta got no gradient: the model must take 'inputs_embeds' "
+                                       "and its loss must depend on them")
+                delta = freelb.update_delta(delta.detach(), grad)     # in place, fused
+                embeds = freelb.embedding(input_ids)                  # looked up again, as the original
+        return total / K, None
+
+    def _adv_step_regularizer(self, model, inputs, pass_args, kwargs, cfg, st):
+        """SMART / SiFT: one Trainer step whose compute_loss also computes the adversarial term from
+        the clean logits (extra forwards on the unwrapped model: no second DDP forward); the term
+        is added at the backward, divided by the micro-batches per step, so the Trainer's own
+        loss (returned, logged) stays the clean one and its GA convention does not matter."""
+        compute_loss = self.compute_loss
+        backward = self.accelerator.backward
+        unwrapped = _unwrap(self, model)
+        pending = []
+
+        def compute_loss_with_term(model_, inputs_, return_outputs=False, **kw):
+            batch = _shallow_copy(inputs_)               # compute_loss may pop the labels
+            out = compute_loss(model_, inputs_, return_outputs=True, **kw)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"{type(self).__name__}.compute_loss(return_outputs=True) must return "
+                                f"(loss, outputs); got {type(out).__name__}")
+            pending.append(self._adv_regularizer_term(st, unwrapped, batch, _logits_of(out[1])))
+            return out if return_outputs else out[0]
+
+        def backward_with_term(loss, **kw):
+            if pending:
+                loss = loss + pending[-1] / _accumulation_steps(self)
+            return backward(loss, **kw)
+
+        with _instance_override(self, "compute_loss", compute_loss_with_term), \
+                _instance_override(self.accelerator, "backward", backward_with_term):
+            loss = super().training_step(model, inputs, *pass_args, **kwargs)
+        if len(pending) != 1:
+            raise RuntimeError(f"{cfg.method.upper()}: expected one compute_loss call per training step, got "
+                               f"{len(pending)}; set adversarial=None for this trainer or file an issue")
+        return loss, torch.as_tensor(pending[0]).detach() / _accumulation_steps(self)
+
+    def _adv_regularizer_term(self, st, model, batch, logits):
+        """The weighted adversarial term of SMART (``adv_alpha * SymKL``) or SiFT
+        (``vat_lambda * symmetric_kl``), from the clean logits of this batch."""
+        if self._adv_config().method == "smart":
+            return st.attacker.loss(model, batch, logits)
+        learner = st.attacker
+
+        def logits_fn(m, **kw):
+            return _logits_of(m(**kw))
+        return learner.loss(logits, logits_fn, learner.loss_fn, **batch) * learner.vat_lambda
 
     # -- logging ---------------------------------------------------------------------------------
     def _adv_record(self, adv_loss) -> None:
