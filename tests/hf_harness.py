@@ -3,6 +3,11 @@ dataset read in order, TrainingArguments for plain SGD (the update is lr * grad,
 scale shows up in the weights; Adam would hide it), and the parameter comparisons."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
@@ -146,3 +151,24 @@ def assert_params_differ(a, b, min_rel=1e-4):
     worst = max((p.detach() - q.detach()).abs().max().item() / max(q.abs().max().item(), 1e-12)
                 for p, q in zip(a.parameters(), b.parameters()))
     assert worst > min_rel, f"runs differ by only {worst:.3g}: the test could not fail"
+
+
+needs_ddp_opt_in = pytest.mark.skipif(not os.environ.get("FUSED_ADV_TEST_DDP"),
+                                      reason="2-process DDP run (~1 min on 2 cores): set FUSED_ADV_TEST_DDP=1")
+
+
+def run_ddp_worker(tmp_path, method):
+    """tests/hf_ddp_worker.py on 2 CPU processes (gloo) through torch.distributed.run; returns what
+    rank 0 saved."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    out = str(tmp_path / "ddp.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), os.path.join(here, "hf_ddp_worker.py"), out, method]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)

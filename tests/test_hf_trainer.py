@@ -23,7 +23,8 @@ from fused_adv import reference  # noqa: E402
 from fused_adv.integrations.hf import AdversarialTrainerMixin, make_adversarial  # noqa: E402
 from hf_harness import (BS, KW, LR, PGD_K, RTOL, SEQ, VOCAB, AdvTrainer, OrderedTrainer,  # noqa: E402,F401
                         ScalerSpyTrainer, assert_params_differ, assert_same_params, collate, cpu_grad_scaler,
-                        dataset, install_scaler, lora_bert, run_trainer, targs, trainer_divides_by_ga)
+                        dataset, install_scaler, lora_bert, needs_ddp_opt_in, run_ddp_worker, run_trainer, targs,
+                        trainer_divides_by_ga)
 from models import tiny_bert_cls  # noqa: E402
 
 # -- the oracle: hand-written loops with the community classes ---------------------------------
@@ -452,9 +453,7 @@ def test_config_errors():
         AdvTrainer(adversarial="awp", adversarial_kwargs={"perturb_from": "both"})
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FUSED_ADV_TEST_DDP"), reason="2-process DDP run (~1 min on 2 cores): "
-                    "set FUSED_ADV_TEST_DDP=1")
+@needs_ddp_opt_in
 def test_ddp_two_processes(tmp_path):
     """Real DDP (2 CPU processes, gloo) through torch.distributed.run, FGM, 2 steps; rank r gets
     batch 2s+r at step s.  Default: the clean pass all-reduces, so both ranks perturb along the
@@ -462,22 +461,7 @@ def test_ddp_two_processes(tmp_path):
     the clean pass stays local (one all-reduce per step), each rank perturbs along its own
     gradient, and the all-reduce of the final backward averages clean + adversarial over ranks:
     the same as one process with GA=2 over the two batches in micro_batch mode."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    out = str(tmp_path / "ddp.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), os.path.join(here, "hf_ddp_worker.py"), out, "fgm"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = torch.load(out)
+    res = run_ddp_worker(tmp_path, "fgm")
     assert res[False]["world"] == 2
     # every backward all-reduces by default; with the option the clean passes do not
     assert res[False]["seen"] == [True, True] * 2

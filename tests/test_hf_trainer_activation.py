@@ -25,7 +25,7 @@ from fused_adv import reference  # noqa: E402
 from fused_adv.integrations.hf import make_adversarial  # noqa: E402
 from hf_harness import (BS, KW, LR, RTOL, SEED, VOCAB, AdvTrainer, OrderedTrainer, ScalerSpyTrainer,  # noqa: E402
                         SeedEachStep, assert_params_differ, assert_same_params, collate, dataset, install_scaler, lora_bert,
-                        run_trainer, targs, trainer_divides_by_ga)
+                        needs_ddp_opt_in, run_ddp_worker, run_trainer, targs, trainer_divides_by_ga)
 from models import tiny_bert_cls  # noqa: E402
 
 ACTIVATION = ("freelb", "smart", "sift")
@@ -42,9 +42,10 @@ def rtol(method, kw):
 
 
 def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=None, data=None, params=None,
-                              logits_of=None, backend=None, **kw):
+                              logits_of=None, backend=None, reseed_each_micro_batch=False, **kw):
     """``steps`` SGD steps of ``ga`` micro-batches with the community usage of ``method``
-    (``backend`` is the fused run's option, ignored here)."""
+    (``backend`` is the fused run's option, ignored here).  ``reseed_each_micro_batch``: every
+    micro-batch draws from the step's seed, as every rank of a DDP run does."""
     model = tiny_bert_cls(seed=0, vocab=VOCAB) if model is None else model
     model.train()
     opt = torch.optim.SGD(model.parameters() if params is None else params, lr=LR)
@@ -65,6 +66,8 @@ def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=No
     for s in range(steps):
         torch.manual_seed(SEED + s)
         for j in range(ga):
+            if reseed_each_micro_batch:
+                torch.manual_seed(SEED + s)
             batch = collate(data[(s * ga + j) * BS:(s * ga + j + 1) * BS])
             if method is None:
                 (model(**batch).loss / div).backward()
@@ -305,3 +308,21 @@ def test_activation_config_errors():
 def test_sift_unknown_target_module_is_clear(tmp_path):
     with pytest.raises(ValueError, match="matches no module.*Candidates"):
         run_trainer(tmp_path, "sift", steps=1, target_module="embeddings.norm_that_is_not_there")
+
+
+@needs_ddp_opt_in
+@pytest.mark.parametrize("method", ACTIVATION)
+def test_ddp_two_processes(tmp_path, method):
+    """Real DDP (2 CPU processes, gloo), 2 steps, rank r gets batch 2s+r and the same seed.  DDP
+    averages the ranks' gradients, so the oracle is one process with GA=2 over the two batches,
+    each micro-batch drawing from the step's seed.  freelb: the non-final pass skips the
+    all-reduce; smart/sift: the extra forwards run on the unwrapped module (one DDP forward and
+    one all-reduce per step)."""
+    res = run_ddp_worker(tmp_path, method)[None]
+    assert res["world"] == 2
+    assert res["seen"] == ([False, True] if method == "freelb" else [True]) * 2
+    expected = reference_activation_loop(method, steps=2, ga=2, divide_by_ga=True, reseed_each_micro_batch=True)
+    got = res["params"]
+    for name, p in expected.named_parameters():
+        err = (got[name] - p.detach()).abs().max().item() / max(p.detach().abs().max().item(), 1e-3)
+        assert err <= rtol(method, {}), f"{name}: relative error {err:.3g}"
