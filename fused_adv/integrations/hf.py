@@ -15,9 +15,21 @@ or, for a trainer that already exists (any ``Trainer`` subclass, e.g. TRL's)::
     from fused_adv.integrations.hf import make_adversarial
     make_adversarial(trainer, "fgm", epsilon=0.5)            # swaps in a dynamic subclass
 
-``adversarial`` is ``"fgm" | "fgsm" | "pgd" | "awp"``; ``adversarial_kwargs`` holds the method's
-constructor arguments (``epsilon``, ``alpha``, ``emb_name``, ``adv_lr``, ``adv_eps``, ``adv_param``,
-``adv_step``, ``start_epoch``, ...; SPEC.md §1-4) and the integration options below.
+``adversarial`` is ``"fgm" | "fgsm" | "pgd" | "awp"`` (weight space: the input embedding or the
+weights are perturbed and restored) or ``"freelb" | "smart" | "sift"`` (activation space: the
+embedding OUTPUT is perturbed; no weight is ever touched).  ``adversarial_kwargs`` holds the
+method's arguments and the integration options below:
+
+- fgm/fgsm/pgd/awp: the class's constructor arguments (``epsilon``, ``alpha``, ``emb_name``,
+  ``adv_lr``, ``adv_eps``, ``adv_param``, ``adv_step``, ``start_epoch``, ...; SPEC.md §1-4);
+- freelb: ``fused_adv.FreeLB``'s (``adv_K``, ``adv_lr``, ``adv_init_mag``, ``adv_max_norm``,
+  ``adv_norm_type``, ``embedding``; SPEC.md §6);
+- smart: ``fused_adv.SMART``'s (``adv_alpha``, ``noise_var``, ``step_size``, ``epsilon``, ``adv_K``,
+  ``embedding_module``, ``host_guard``; SPEC.md §7);
+- sift: ``hook_sift_layer``'s (``hidden_size`` (default ``config.hidden_size``), ``learning_rate``,
+  ``init_perturbation``, ``target_module``, ``bind_each``) plus ``loss_fn`` (the ascent loss,
+  'symmetric-kl' | 'kl' | 'mse' | callable) and ``vat_lambda`` (the term's weight, default 1;
+  DeBERTa uses 3-5); SPEC.md §5.
 
 What one micro-batch step does (the gradient bookkeeping of the community loops, SPEC.md §10)
 --------------------------------------------------------------------------------------------
@@ -29,6 +41,20 @@ What one micro-batch step does (the gradient bookkeeping of the community loops,
 - awp: clean forward/backward; ``adv_step`` weight-perturbation steps, each followed by an
   adversarial forward/backward with the gradients zeroed first (the optimizer step uses ONLY the
   last adversarial gradient, as in the Kaggle class); restore.
+- freelb: NO clean pass: K (``adv_K``) forward/backward passes on ``inputs_embeds = embed(input_ids)
+  + delta`` (the batch's ``input_ids`` are replaced; the model must accept ``inputs_embeds``),
+  each backward on loss / K (gradients ACCUMULATE the mean of the K adversarial gradients), a
+  fused ascent step on delta between passes, none after the last.
+- smart / sift: one step whose ``compute_loss`` also computes the adversarial term from the clean
+  logits (``compute_loss(..., return_outputs=True)`` must give a ModelOutput/dict with ``logits``,
+  or the logits tensor): SMART's ``adv_alpha * SymKL`` (its ascent forwards use autograd.grad:
+  parameter grads untouched), SiFT's ``vat_lambda * symmetric_kl`` (parameters frozen for its
+  ascent backward).  The term's extra forwards run on the unwrapped model, and the term is added
+  to the loss at the backward, divided by the micro-batches of the step (one backward, one
+  all-reduce).  SiFT hooks a PerturbationLayer on ``target_module`` (``embeddings.LayerNorm``)
+  when the attacker is built: from then on that module's input is normalised in every forward,
+  evaluation included (DeBERTa's behaviour; LayerNorm of a normalised input changes nothing
+  beyond rounding); ``configure_adversarial`` removes the hooks.
 
 Loss scaling, mixed precision, parallelism
 ------------------------------------------
@@ -45,11 +71,13 @@ context the adversarial pass needs).  ``compute_loss`` runs once per pass, so si
 subclass has there (TRL's per-batch metrics) happen for the adversarial passes too.
 
 - fp16: both passes are scaled by the same GradScaler scale; the perturbation directions are
-  scale-invariant (AWP up to its 1e-6), so ``unscale_`` is never called here: the Trainer
-  unscales once, before clipping/stepping.  A non-finite clean gradient makes the perturbation
-  non-finite (SPEC: an inf norm is not skipped) and so the adversarial gradients; the weights are
-  restored bit for bit, the GradScaler sees the inf/NaN and skips the optimizer step: the
-  weights are never poisoned.
+  scale-invariant (AWP up to its 1e-6, FreeLB up to its 1e-8 floor), so ``unscale_`` is never
+  called here: the Trainer unscales once, before clipping/stepping.  A non-finite clean gradient
+  makes the perturbation non-finite (SPEC: an inf norm is not skipped) and so the adversarial
+  gradients; the weights are restored bit for bit, the GradScaler sees the inf/NaN and skips the
+  optimizer step: the weights are never poisoned.  SMART's and SiFT's ascent gradients are
+  taken without the scaler, as in mt-dnn and DeBERTa (normalised, so only fp16 underflow of
+  tiny gradients could matter); their NaN/Inf guard keeps the step.
 - bf16 / fp16 autocast: whatever the Trainer's arguments say, for both passes (accelerate wraps
   the model's forward).  The fused AWP's own "CUDA autocast around the adversarial forward" is
   not used here.
@@ -58,7 +86,9 @@ subclass has there (TRL's per-batch metrics) happen for the adversarial passes t
   ``accelerator.no_sync``: one all-reduce per step instead of two or more.  The direction then
   comes from this rank's own gradient (the default, False, keeps the community loop's
   all-reduced direction).  The kept gradient is correct either way: the final backward of every
-  step is synchronised and everything kept is in ``.grad`` by then.
+  step is synchronised and everything kept is in ``.grad`` by then.  FreeLB keeps every pass's
+  gradient, so its non-final passes always run under ``no_sync`` (exact: the final backward
+  all-reduces the sum); SMART/SiFT have one DDP forward and one backward per micro-batch.
 - DeepSpeed and FSDP (sharded / flattened parameters; accelerate's DeepSpeed backward also steps
   the optimizer) and SageMaker model parallel are refused with a clear error.
 
@@ -76,7 +106,10 @@ gradients when a micro-batch starts.
 - ``"accumulated"``: the perturbation comes from ``.grad`` as it stands after the clean backward
   (earlier micro-batches + this one), what a community loop pasted into a GA loop does for
   FGM/FGSM/PGD.  For AWP, still only this micro-batch's clean gradient is discarded.
-With GA = 1 both are identical to the community loop.
+With GA = 1 both are identical to the community loop.  (fgm/fgsm/pgd/awp only: FreeLB's delta,
+SMART's noise and SiFT's delta always come from this micro-batch alone.)  The SMART/SiFT term of
+each micro-batch is divided by the micro-batches of the step, whichever GA convention the
+Trainer applies to the task loss (dividing it, or normalising by ``num_items_in_batch``).
 
 Embeddings (fgm / fgsm / pgd)
 -----------------------------
@@ -91,7 +124,9 @@ DDP-wrapped models).  With ``emb_name`` the community substring rule applies.
   "error"`` (default) refuses with a clear error; ``"unfreeze"`` computes the embedding's
   gradient during the step only (requires_grad is switched on for the clean pass and back off
   before the final adversarial backward; the embedding is never in the optimizer and its
-  ``.grad`` is dropped, so it is never updated).
+  ``.grad`` is dropped, so it is never updated).  Or use an activation-space method: FreeLB,
+  SMART and SiFT perturb the embedding output and need no embedding gradient, so they work on
+  a frozen (PEFT/LoRA) embedding as they are; tied embeddings do not concern them either.
 
 Start (options ``start_step``, ``start_epoch``)
 ----------------------------------------------
@@ -105,7 +140,10 @@ Logged loss
 ``training_step`` returns the CLEAN loss (scaled as the Trainer scales it), so the logged
 ``loss`` is the same quantity a plain run logs and stays comparable with ``eval_loss`` and with
 runs without adversarial training.  The adversarial loss (the last adversarial pass of each
-micro-batch, averaged like ``loss``) is logged alongside as ``adv_loss``.
+micro-batch, averaged like ``loss``) is logged alongside as ``adv_loss``; for smart/sift
+``adv_loss`` is the weighted term added to the loss.  FreeLB has no clean pass (running one would
+cost a forward): its ``loss`` is the mean of the K adversarial losses (what FreeLB optimises and
+its community loop logs), and there is no ``adv_loss``.
 """
 from __future__ import annotations
 
@@ -363,15 +401,16 @@ def _accumulation_steps(trainer) -> int:
 
 class AdversarialTrainerMixin:
     """Mixin for ``transformers.Trainer`` (and subclasses such as TRL's trainers) that adds FGM,
-    FGSM, PGD or AWP to every training step, with the fused classes.  Put it FIRST in the bases::
+    FGSM, PGD, AWP, FreeLB, SMART or SiFT to every training step, with the fused classes.  Put it
+    FIRST in the bases::
 
         class MyTrainer(AdversarialTrainerMixin, Trainer): ...
         MyTrainer(..., adversarial="pgd", adversarial_kwargs={"epsilon": 1.0, "alpha": 0.3, "K": 3})
 
     Constructor keywords (everything else goes to the Trainer): ``adversarial`` (``None`` = plain
-    Trainer), ``adversarial_kwargs`` (method arguments + integration options ``perturb_from``,
-    ``clean_pass_no_sync``, ``start_step``, ``start_epoch``, ``tied_embeddings``,
-    ``frozen_embeddings``, ``K``, ``backend``), ``adversarial_backend`` ("auto" | "cuda" | "triton" |
+    Trainer), ``adversarial_kwargs`` (method arguments + integration options ``backend``,
+    ``start_step``, ``start_epoch``; fgm/fgsm/pgd/awp: ``perturb_from``, ``clean_pass_no_sync``;
+    fgm/fgsm/pgd: ``tied_embeddings``, ``frozen_embeddings``; pgd: ``K``), ``adversarial_backend`` ("auto" | "cuda" | "triton" |
     "cpp" | "torch").  The same names work as class attributes.  ``configure_adversarial(...)``
     changes them later.  Semantics: module docstring.
     """
@@ -421,7 +460,8 @@ class AdversarialTrainerMixin:
 
     @property
     def adversary(self):
-        """The fused attacker (``fused_adv.FGM`` / ``PGD`` / ``AWP`` ...), once built (else None)."""
+        """The fused attacker (``fused_adv.FGM`` / ``PGD`` / ``AWP`` / ``FreeLB`` / ``SMART``, or SiFT's
+        ``AdversarialLearner``), once built (else None)."""
         st = self.__dict__.get("_adv_state")
         return None if st is None else st.attacker
 
