@@ -42,7 +42,7 @@ def rtol(method, kw):
 
 
 def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=None, data=None, params=None,
-                              logits_of=None, backend=None, reseed_each_micro_batch=False, **kw):
+                              logits_of=None, backend=None, reseed_each_micro_batch=False, start_step=0, **kw):
     """``steps`` SGD steps of ``ga`` micro-batches with the community usage of ``method``
     (``backend`` is the fused run's option, ignored here).  ``reseed_each_micro_batch``: every
     micro-batch draws from the step's seed, as every rank of a DDP run does."""
@@ -69,7 +69,7 @@ def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=No
             if reseed_each_micro_batch:
                 torch.manual_seed(SEED + s)
             batch = collate(data[(s * ga + j) * BS:(s * ga + j + 1) * BS])
-            if method is None:
+            if method is None or s < start_step:
                 (model(**batch).loss / div).backward()
             elif method == "freelb":
                 adv.attack(model, batch, gradient_accumulation_steps=div)
@@ -100,6 +100,12 @@ def test_activation_method_matches_reference_loop(tmp_path, method, kw):
     expected = reference_activation_loop(method, steps=2, **kw)
     assert_same_params(tr.model, expected, rtol=rtol(method, kw))
     assert_params_differ(expected, reference_activation_loop(None, steps=2))
+
+
+@pytest.mark.parametrize("method", ["freelb", "smart"])
+def test_activation_start_step(tmp_path, method):
+    tr = run_trainer(tmp_path, method, steps=3, start_step=2)
+    assert_same_params(tr.model, reference_activation_loop(method, steps=3, start_step=2))
 
 
 def no_loss_kwargs(tr):
@@ -326,3 +332,16 @@ def test_ddp_two_processes(tmp_path, method):
     for name, p in expected.named_parameters():
         err = (got[name] - p.detach()).abs().max().item() / max(p.detach().abs().max().item(), 1e-3)
         assert err <= rtol(method, {}), f"{name}: relative error {err:.3g}"
+
+
+class NoLogitsTrainer(AdvTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        return (out.loss, {"hidden": out.logits}) if return_outputs else out.loss
+
+
+def test_regularizer_needs_the_logits(tmp_path):
+    tr = NoLogitsTrainer(model=tiny_bert_cls(seed=0, vocab=VOCAB), args=targs(tmp_path, 1), train_dataset=dataset(),
+                         adversarial="smart")
+    with pytest.raises(TypeError, match="clean logits.*without 'logits'"):
+        tr.train()

@@ -167,7 +167,6 @@ __all__ = ["AdversarialTrainerMixin", "AdversarialConfig", "make_adversarial", "
 METHODS = ("fgm", "fgsm", "pgd", "awp", "freelb", "smart", "sift")
 _EMBEDDING_METHODS = ("fgm", "fgsm", "pgd")          # perturb the input-embedding WEIGHT
 _WEIGHT_METHODS = _EMBEDDING_METHODS + ("awp",)       # perturb weights: backup/restore, grad bookkeeping
-_REGULARIZER_METHODS = ("smart", "sift")              # an extra loss term computed in compute_loss
 
 # Keys of adversarial_kwargs that configure the integration (and which methods they apply to);
 # every other key goes to the method (checked against its signature when the trainer is configured).
@@ -177,7 +176,6 @@ _OPTIONS = {
     "tied_embeddings": _EMBEDDING_METHODS, "frozen_embeddings": _EMBEDDING_METHODS,
     "K": ("pgd",),
 }
-_OPTION_NAMES = tuple(_OPTIONS)
 # SiFT has no class of its own: hook_sift_layer's arguments + these two configure it.
 _SIFT_EXTRA = ("loss_fn", "vat_lambda")
 _UNSET = object()
@@ -410,8 +408,8 @@ class AdversarialTrainerMixin:
     Constructor keywords (everything else goes to the Trainer): ``adversarial`` (``None`` = plain
     Trainer), ``adversarial_kwargs`` (method arguments + integration options ``backend``,
     ``start_step``, ``start_epoch``; fgm/fgsm/pgd/awp: ``perturb_from``, ``clean_pass_no_sync``;
-    fgm/fgsm/pgd: ``tied_embeddings``, ``frozen_embeddings``; pgd: ``K``), ``adversarial_backend`` ("auto" | "cuda" | "triton" |
-    "cpp" | "torch").  The same names work as class attributes.  ``configure_adversarial(...)``
+    fgm/fgsm/pgd: ``tied_embeddings``, ``frozen_embeddings``; pgd: ``K``), ``adversarial_backend``
+    ("auto" | "cuda" | "triton" | "cpp" | "torch").  The same names work as class attributes.  ``configure_adversarial(...)``
     changes them later.  Semantics: module docstring.
     """
 
@@ -509,7 +507,7 @@ class AdversarialTrainerMixin:
             kwargs.setdefault("embedding_module", _embedding_module(unwrapped))
             st.attacker = fused_adv.SMART(backend=cfg.backend, **kwargs)
         elif cfg.method == "sift":
-            st.attacker = self._adv_build_sift(unwrapped, kwargs, cfg)
+            st.attacker = self._adv_build_sift(unwrapped, kwargs, cfg, st)
         elif cfg.method in _EMBEDDING_METHODS:
             emb_name, st.targets, st.frozen = self._adv_resolve_embedding(model, kwargs.pop("emb_name", None), cfg)
             st.attacker = _method_class(cfg.method)(model, emb_name=emb_name, backend=cfg.backend, **kwargs)
@@ -524,7 +522,8 @@ class AdversarialTrainerMixin:
         st.model = model
         return st
 
-    def _adv_build_sift(self, unwrapped: nn.Module, kwargs: dict, cfg: AdversarialConfig):
+    @staticmethod
+    def _adv_build_sift(unwrapped: nn.Module, kwargs: dict, cfg: AdversarialConfig, st: _State):
         """Hooks PerturbationLayers on the unwrapped model (DeBERTa's hook_sift_layer: the hooked
         module's input is normalised in every forward from now on, evaluation included, as in
         DeBERTa) and returns the fused AdversarialLearner, with ``loss_fn``/``vat_lambda`` on it."""
@@ -540,7 +539,7 @@ class AdversarialTrainerMixin:
         hooked = ([m for n, m in unwrapped.named_modules() if target in n] if isinstance(target, str)
                   else [target])
         adv_modules = fused_adv.hook_sift_layer(unwrapped, backend=cfg.backend, **kwargs)
-        self._adv_state.sift_hooked = hooked
+        st.sift_hooked = hooked
         learner = fused_adv.sift.AdversarialLearner(unwrapped, adv_modules)
         learner.loss_fn, learner.vat_lambda = loss_fn, vat_lambda
         return learner
@@ -772,7 +771,7 @@ class AdversarialTrainerMixin:
         compute_loss = self.compute_loss
         backward = self.accelerator.backward
         unwrapped = _unwrap(self, model)
-        pending = []
+        terms, added = [], []
 
         def compute_loss_with_term(model_, inputs_, return_outputs=False, **kw):
             batch = _shallow_copy(inputs_)               # compute_loss may pop the labels
@@ -780,26 +779,31 @@ class AdversarialTrainerMixin:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(f"{type(self).__name__}.compute_loss(return_outputs=True) must return "
                                 f"(loss, outputs); got {type(out).__name__}")
-            pending.append(self._adv_regularizer_term(st, unwrapped, batch, _logits_of(out[1])))
+            terms.append(self._adv_regularizer_term(cfg, st, unwrapped, batch, _logits_of(out[1])))
             return out if return_outputs else out[0]
 
         def backward_with_term(loss, **kw):
-            if pending:
-                loss = loss + pending[-1] / _accumulation_steps(self)
+            if len(terms) == 1 and not added:
+                added.append(True)
+                loss = loss + terms[0] / _accumulation_steps(self)
             return backward(loss, **kw)
 
         with _instance_override(self, "compute_loss", compute_loss_with_term), \
                 _instance_override(self.accelerator, "backward", backward_with_term):
             loss = super().training_step(model, inputs, *pass_args, **kwargs)
-        if len(pending) != 1:
-            raise RuntimeError(f"{cfg.method.upper()}: expected one compute_loss call per training step, got "
-                               f"{len(pending)}; set adversarial=None for this trainer or file an issue")
-        return loss, torch.as_tensor(pending[0]).detach() / _accumulation_steps(self)
+        if len(terms) != 1 or not added:
+            raise RuntimeError(
+                f"{cfg.method.upper()} expects one compute_loss call followed by accelerator.backward per "
+                f"training step; {type(self).__name__}.training_step made {len(terms)} compute_loss call(s) "
+                f"and {'a' if added else 'no'} backward with the term (a subclass with its own loop needs "
+                f"its own integration)")
+        return loss, torch.as_tensor(terms[0]).detach() / _accumulation_steps(self)
 
-    def _adv_regularizer_term(self, st, model, batch, logits):
+    @staticmethod
+    def _adv_regularizer_term(cfg, st, model, batch, logits):
         """The weighted adversarial term of SMART (``adv_alpha * SymKL``) or SiFT
         (``vat_lambda * symmetric_kl``), from the clean logits of this batch."""
-        if self._adv_config().method == "smart":
+        if cfg.method == "smart":
             return st.attacker.loss(model, batch, logits)
         learner = st.attacker
 
