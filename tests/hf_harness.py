@@ -3,6 +3,7 @@ dataset read in order, TrainingArguments for plain SGD (the update is lr * grad,
 scale shows up in the weights; Adam would hide it), and the parameter comparisons."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -172,3 +173,50 @@ def run_ddp_worker(tmp_path, method):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)
+
+
+def frozen_embedding_bert():
+    m = tiny_bert_cls(seed=0, vocab=VOCAB)
+    m.get_input_embeddings().weight.requires_grad_(False)
+    return m
+
+
+class TRLStyleTrainer(OrderedTrainer):
+    """A subclass like TRL's: its own compute_loss (pops labels, own loss), a _prepare_inputs that
+    must run once per batch (TRL's GRPO generates there) and a training_step with a counter."""
+
+    counts = None
+
+    def _prepare_inputs(self, inputs):
+        self.counts["prepare"] += 1
+        return super()._prepare_inputs(inputs)
+
+    def training_step(self, *args, **kwargs):
+        self.counts["step"] += 1
+        return super().training_step(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.counts["loss"] += 1
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return (loss, logits) if return_outputs else loss
+
+
+def record_no_sync(seen: list):
+    """A run_trainer setup: accelerator.no_sync replaced by a recorder; ``seen`` gets, at every
+    forward of the model, whether that pass runs under no_sync."""
+    state = {"no_sync": False}
+
+    @contextlib.contextmanager
+    def recording_no_sync(model=None):
+        old, state["no_sync"] = state["no_sync"], True
+        try:
+            yield
+        finally:
+            state["no_sync"] = old
+
+    def setup(tr):
+        tr.accelerator.no_sync = recording_no_sync
+        tr.model.register_forward_pre_hook(lambda m, a, k: seen.append(state["no_sync"]), with_kwargs=True)
+    return setup

@@ -23,8 +23,8 @@ from fused_adv import reference  # noqa: E402
 from fused_adv.integrations.hf import AdversarialTrainerMixin, make_adversarial  # noqa: E402
 from hf_harness import (BS, KW, LR, PGD_K, RTOL, SEQ, VOCAB, AdvTrainer, OrderedTrainer,  # noqa: E402,F401
                         ScalerSpyTrainer, assert_params_differ, assert_same_params, collate, cpu_grad_scaler,
-                        dataset, install_scaler, lora_bert, needs_ddp_opt_in, run_ddp_worker, run_trainer, targs,
-                        trainer_divides_by_ga)
+                        TRLStyleTrainer, dataset, frozen_embedding_bert, install_scaler, lora_bert, needs_ddp_opt_in,
+                        record_no_sync, run_ddp_worker, run_trainer, targs, trainer_divides_by_ga)
 from models import tiny_bert_cls  # noqa: E402
 
 # -- the oracle: hand-written loops with the community classes ---------------------------------
@@ -245,22 +245,8 @@ def _autocast_takes_device() -> bool:
 def test_clean_pass_no_sync(tmp_path, method, kw, expected):
     """clean_pass_no_sync: the passes that only feed a direction run under accelerator.no_sync,
     the final backward of the step is synchronised (recorded at every forward)."""
-    state = {"no_sync": False}
     seen = []
-
-    @contextlib.contextmanager
-    def recording_no_sync(model=None):
-        old = state["no_sync"]
-        state["no_sync"] = True
-        try:
-            yield
-        finally:
-            state["no_sync"] = old
-
-    def setup(tr):
-        tr.accelerator.no_sync = recording_no_sync
-        tr.model.register_forward_pre_hook(lambda m, a, k: seen.append(state["no_sync"]), with_kwargs=True)
-
+    setup = record_no_sync(seen)
     run_trainer(tmp_path, method, steps=1, setup=setup, clean_pass_no_sync=True, **kw)
     assert seen == expected
     if method == "pgd":                       # and by default every pass synchronises
@@ -313,12 +299,6 @@ def test_tied_embeddings_refused_or_shared(tmp_path):
     assert_same_params(tr.model, reference_loop("fgm", steps=2, model=tiny_bert_mlm(), data=mlm_data()))
 
 
-def frozen_embedding_bert():
-    m = tiny_bert_cls(seed=0, vocab=VOCAB)
-    m.get_input_embeddings().weight.requires_grad_(False)
-    return m
-
-
 def test_frozen_embeddings_refused_or_unfrozen(tmp_path):
     with pytest.raises(ValueError, match="frozen.*PEFT"):
         run_trainer(tmp_path, "pgd", steps=1, model=frozen_embedding_bert())
@@ -366,28 +346,6 @@ def test_logged_loss_is_clean_and_adv_loss_logged(tmp_path):
     assert log["loss"] == pytest.approx(clean.item(), abs=1e-4)    # transformers 4.x rounds it
     assert log["adv_loss"] == pytest.approx(adv, rel=1e-5)
     assert adv > clean.item()                  # the attack does increase the loss (first order)
-
-
-class TRLStyleTrainer(OrderedTrainer):
-    """A subclass like TRL's: its own compute_loss (pops labels, own loss), a _prepare_inputs that
-    must run once per batch (TRL's GRPO generates there) and a training_step with a counter."""
-
-    counts = None
-
-    def _prepare_inputs(self, inputs):
-        self.counts["prepare"] += 1
-        return super()._prepare_inputs(inputs)
-
-    def training_step(self, *args, **kwargs):
-        self.counts["step"] += 1
-        return super().training_step(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.counts["loss"] += 1
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        return (loss, logits) if return_outputs else loss
 
 
 def test_make_adversarial_on_trl_style_subclass(tmp_path):

@@ -13,8 +13,6 @@ the extra term).
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -23,9 +21,10 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 
 from fused_adv import reference  # noqa: E402
 from fused_adv.integrations.hf import make_adversarial  # noqa: E402
-from hf_harness import (BS, KW, LR, RTOL, SEED, VOCAB, AdvTrainer, OrderedTrainer, ScalerSpyTrainer,  # noqa: E402
-                        SeedEachStep, assert_params_differ, assert_same_params, collate, dataset, install_scaler, lora_bert,
-                        needs_ddp_opt_in, run_ddp_worker, run_trainer, targs, trainer_divides_by_ga)
+from hf_harness import (BS, KW, LR, RTOL, SEED, VOCAB, AdvTrainer, ScalerSpyTrainer, SeedEachStep,  # noqa: E402
+                        TRLStyleTrainer, assert_params_differ, assert_same_params, collate, dataset,
+                        frozen_embedding_bert, install_scaler, lora_bert, needs_ddp_opt_in, record_no_sync,
+                        run_ddp_worker, run_trainer, targs, trainer_divides_by_ga)
 from models import tiny_bert_cls  # noqa: E402
 
 ACTIVATION = ("freelb", "smart", "sift")
@@ -124,12 +123,6 @@ def test_activation_gradient_accumulation(tmp_path, method, trainer_divides):
                        rtol=rtol(method, {}))
 
 
-def frozen_embedding_bert():
-    m = tiny_bert_cls(seed=0, vocab=VOCAB)
-    m.get_input_embeddings().weight.requires_grad_(False)
-    return m
-
-
 @pytest.mark.parametrize("method", ACTIVATION)
 def test_activation_methods_with_frozen_embedding(tmp_path, method):
     """The activation-space fallback for frozen embeddings (where FGM/PGD refuse): the embedding
@@ -192,22 +185,8 @@ def test_freelb_nonfinite_gradient_skips_the_step(tmp_path):
 def test_freelb_non_final_passes_skip_all_reduce(tmp_path):
     """Every FreeLB pass's gradient is kept, so the non-final passes run under no_sync (exact: the
     final synchronised backward all-reduces the accumulated sum); the final one synchronises."""
-    state = {"no_sync": False}
     seen = []
-
-    @contextlib.contextmanager
-    def recording_no_sync(model=None):
-        old, state["no_sync"] = state["no_sync"], True
-        try:
-            yield
-        finally:
-            state["no_sync"] = old
-
-    def setup(tr):
-        tr.accelerator.no_sync = recording_no_sync
-        tr.model.register_forward_pre_hook(lambda m, a, k: seen.append(state["no_sync"]), with_kwargs=True)
-
-    run_trainer(tmp_path, "freelb", steps=1, setup=setup, adv_K=3)
+    run_trainer(tmp_path, "freelb", steps=1, setup=record_no_sync(seen), adv_K=3)
     assert seen == [True, True, False]
 
 
@@ -232,27 +211,6 @@ def test_logged_losses(tmp_path):
     log = next(e for e in tr.state.log_history if "loss" in e)
     assert log["loss"] == pytest.approx(mean_adv.item(), rel=1e-4)
     assert "adv_loss" not in log
-
-
-class TRLStyleTrainer(OrderedTrainer):
-    """Like TRL's trainers: own compute_loss returning (loss, logits), _prepare_inputs once per batch."""
-
-    counts = None
-
-    def _prepare_inputs(self, inputs):
-        self.counts["prepare"] += 1
-        return super()._prepare_inputs(inputs)
-
-    def training_step(self, *args, **kwargs):
-        self.counts["step"] += 1
-        return super().training_step(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.counts["loss"] += 1
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        return (loss, logits) if return_outputs else loss
 
 
 @pytest.mark.parametrize("method", ACTIVATION)
