@@ -41,7 +41,7 @@ def rtol(method, kw):
 
 
 def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=None, data=None, params=None,
-                              logits_of=None, backend=None, reseed_each_micro_batch=False, start_step=0, **kw):
+                              backend=None, reseed_each_micro_batch=False, start_step=0, **kw):
     """``steps`` SGD steps of ``ga`` micro-batches with the community usage of ``method``
     (``backend`` is the fused run's option, ignored here).  ``reseed_each_micro_batch``: every
     micro-batch draws from the step's seed, as every rank of a DDP run does."""
@@ -52,7 +52,6 @@ def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=No
     kwargs.update(kw)
     data = dataset() if data is None else data
     div = ga if divide_by_ga else 1
-    logits_of = logits_of or (lambda out: out.logits)
     if method == "freelb":
         adv = reference.FreeLB(**kwargs)
     elif method == "smart":
@@ -75,9 +74,9 @@ def reference_activation_loop(method, steps=2, ga=1, divide_by_ga=True, model=No
             else:
                 out = model(**batch)
                 if method == "smart":
-                    term = adv.loss(model, batch, logits_of(out))
+                    term = adv.loss(model, batch, out.logits)
                 else:
-                    term = adv.loss(logits_of(out), lambda m, **k: logits_of(m(**k)), loss_fn, **batch) * vat_lambda
+                    term = adv.loss(out.logits, lambda m, **k: m(**k).logits, loss_fn, **batch) * vat_lambda
                 (out.loss / div + term / ga).backward()
         opt.step()
         model.zero_grad(set_to_none=True)
