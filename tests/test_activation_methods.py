@@ -25,13 +25,7 @@ from fused_adv.reference.smart import SMART as RefSMART  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add overhead (6x slower on a loaded 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BACKENDS = ["torch", "cpp", "triton"]

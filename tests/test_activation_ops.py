@@ -16,20 +16,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from fused_adv.ops import activation as A  # noqa: E402
 from fused_adv.ops import why_not  # noqa: E402
-from fused_adv.ops import _library  # noqa: E402
-from fused_adv.ops._schemas_activation import SCHEMAS  # noqa: E402
 from fused_adv.reference.freelb import FreeLB as RefFreeLB  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tolerance as _tolerance  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add overhead (6x slower on a loaded 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BACKENDS = ["torch", "cpp", "triton"]
@@ -274,22 +266,6 @@ def test_opcheck(op, args):
     # schema, fake impl and the registered CPU kernel (torch backend or the compiled one) agree
     torch.library.opcheck(getattr(torch.ops.fused_adv, op), args(),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-def test_schemas_match_the_compiled_extension():
-    if _library.EXTENSION is None:
-        pytest.skip(f"extension not built: {_library.EXTENSION_ERROR}")
-    for name, schema in SCHEMAS.items():
-        registered = getattr(torch.ops.fused_adv, name).default._schema
-        assert str(registered) == str(torch._C.parse_schema(f"fused_adv::{schema}")), name
-
-
-def test_csrc_ops_cpp_defines_each_activation_schema_once():
-    import pathlib
-    text = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops.cpp").read_text()
-    for name, schema in SCHEMAS.items():
-        assert text.count(f'm.def("{name}(') == 1, name
-        assert f'm.def("{schema}");' in text, f"{name}: csrc/ops.cpp and _schemas_activation.py differ"
 
 
 def test_torch_compile_traces_the_ops():

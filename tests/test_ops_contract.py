@@ -1,6 +1,7 @@
 """The op layer's contract: schemas defined once and identical in C++ and Python, opcheck and
 torch.compile on every op, backend selection and its errors, argument validation, and the
 torch backend's handling of empty, tiny, many and mixed-dtype tensor lists."""
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,10 @@ import torch
 import fused_adv
 from fused_adv import ops
 from fused_adv.ops import _library
-from fused_adv.ops._schemas import SCHEMAS
+from fused_adv.ops._schemas import SCHEMAS as WEIGHT_SCHEMAS
+from fused_adv.ops._schemas_activation import SCHEMAS as ACTIVATION_SCHEMAS
+
+SCHEMAS = {**WEIGHT_SCHEMAS, **ACTIVATION_SCHEMAS}     # every op family's Python copy of csrc/ops.cpp
 
 
 def test_schemas_match_the_compiled_extension():
@@ -28,8 +32,10 @@ def test_csrc_ops_cpp_defines_each_schema_once():
     hits = [p for p in root.rglob("*.c*") if "TORCH_LIBRARY(fused_adv" in p.read_text()]
     assert [p.name for p in hits] == ["ops.cpp"]
     text = (root / "ops.cpp").read_text()
-    for name in SCHEMAS:
+    joined = re.sub(r'"\s*"', "", text)         # C++ adjacent string literals -> one literal
+    for name, schema in SCHEMAS.items():
         assert text.count(f'm.def("{name}(') == 1, name
+        assert f'm.def("{schema}");' in joined, f"{name}: csrc/ops.cpp and the Python schema copy differ"
 
 
 def _args(name, dtype=torch.float32, device="cpu"):
@@ -51,7 +57,7 @@ def _args(name, dtype=torch.float32, device="cpu"):
     }[name]
 
 
-@pytest.mark.parametrize("name", list(SCHEMAS))
+@pytest.mark.parametrize("name", list(WEIGHT_SCHEMAS))
 def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.fused_adv, name).default, _args(name))
 

@@ -45,6 +45,18 @@ class ShapeSet:
         return sum(1 for n, _ in self.params if pattern in n)
 
 
+def _encoder_layer(L: str, H: int, I: int, qkv: tuple[str, str, str]) -> list[tuple[str, Shape]]:
+    """One post-LN transformer layer as BERT and DeBERTa-v2 name it (they differ in the q/k/v names)."""
+    out = []
+    for m in qkv:
+        out += [(f"{L}.attention.self.{m}.weight", (H, H)), (f"{L}.attention.self.{m}.bias", (H,))]
+    return out + [(f"{L}.attention.output.dense.weight", (H, H)), (f"{L}.attention.output.dense.bias", (H,)),
+                  (f"{L}.attention.output.LayerNorm.weight", (H,)), (f"{L}.attention.output.LayerNorm.bias", (H,)),
+                  (f"{L}.intermediate.dense.weight", (I, H)), (f"{L}.intermediate.dense.bias", (I,)),
+                  (f"{L}.output.dense.weight", (H, I)), (f"{L}.output.dense.bias", (H,)),
+                  (f"{L}.output.LayerNorm.weight", (H,)), (f"{L}.output.LayerNorm.bias", (H,))]
+
+
 def bert_params(vocab: int, hidden: int, layers: int, intermediate: int, max_pos: int = 512,
                 type_vocab: int = 2, num_labels: int = 2, prefix: str = "bert") -> list[tuple[str, Shape]]:
     """Parameter names/shapes of transformers' BertForSequenceClassification."""
@@ -54,14 +66,7 @@ def bert_params(vocab: int, hidden: int, layers: int, intermediate: int, max_pos
            (f"{prefix}.embeddings.token_type_embeddings.weight", (type_vocab, H)),
            (f"{prefix}.embeddings.LayerNorm.weight", (H,)), (f"{prefix}.embeddings.LayerNorm.bias", (H,))]
     for i in range(layers):
-        L = f"{prefix}.encoder.layer.{i}"
-        for m in ("query", "key", "value"):
-            out += [(f"{L}.attention.self.{m}.weight", (H, H)), (f"{L}.attention.self.{m}.bias", (H,))]
-        out += [(f"{L}.attention.output.dense.weight", (H, H)), (f"{L}.attention.output.dense.bias", (H,)),
-                (f"{L}.attention.output.LayerNorm.weight", (H,)), (f"{L}.attention.output.LayerNorm.bias", (H,)),
-                (f"{L}.intermediate.dense.weight", (I, H)), (f"{L}.intermediate.dense.bias", (I,)),
-                (f"{L}.output.dense.weight", (H, I)), (f"{L}.output.dense.bias", (H,)),
-                (f"{L}.output.LayerNorm.weight", (H,)), (f"{L}.output.LayerNorm.bias", (H,))]
+        out += _encoder_layer(f"{prefix}.encoder.layer.{i}", H, I, ("query", "key", "value"))
     out += [(f"{prefix}.pooler.dense.weight", (H, H)), (f"{prefix}.pooler.dense.bias", (H,)),
             ("classifier.weight", (num_labels, H)), ("classifier.bias", (num_labels,))]
     return out
@@ -75,14 +80,7 @@ def deberta_v2_params(vocab: int, hidden: int, layers: int, intermediate: int, p
     out = [("deberta.embeddings.word_embeddings.weight", (vocab, H)),
            ("deberta.embeddings.LayerNorm.weight", (H,)), ("deberta.embeddings.LayerNorm.bias", (H,))]
     for i in range(layers):
-        L = f"deberta.encoder.layer.{i}"
-        for m in ("query_proj", "key_proj", "value_proj"):
-            out += [(f"{L}.attention.self.{m}.weight", (H, H)), (f"{L}.attention.self.{m}.bias", (H,))]
-        out += [(f"{L}.attention.output.dense.weight", (H, H)), (f"{L}.attention.output.dense.bias", (H,)),
-                (f"{L}.attention.output.LayerNorm.weight", (H,)), (f"{L}.attention.output.LayerNorm.bias", (H,)),
-                (f"{L}.intermediate.dense.weight", (I, H)), (f"{L}.intermediate.dense.bias", (I,)),
-                (f"{L}.output.dense.weight", (H, I)), (f"{L}.output.dense.bias", (H,)),
-                (f"{L}.output.LayerNorm.weight", (H,)), (f"{L}.output.LayerNorm.bias", (H,))]
+        out += _encoder_layer(f"deberta.encoder.layer.{i}", H, I, ("query_proj", "key_proj", "value_proj"))
     out += [("deberta.encoder.rel_embeddings.weight", (2 * position_buckets, H)),
             ("deberta.encoder.LayerNorm.weight", (H,)), ("deberta.encoder.LayerNorm.bias", (H,)),
             ("pooler.dense.weight", (H, H)), ("pooler.dense.bias", (H,)),

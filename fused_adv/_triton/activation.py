@@ -63,6 +63,18 @@ def _cast(v, dtype: tl.constexpr):
         return v.to(dtype)
 
 @triton.jit
+def _row_tile(ROWS, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The [BLOCK_R, BLOCK_H] tile of a row-major [ROWS, H] tensor that this program owns (one
+    row per tile row, the whole row in BLOCK_H >= H lanes): (rows, row mask, int64 offsets, mask)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < ROWS
+    mask = rmask[:, None] & (cols[None, :] < H)
+    offs = rows[:, None] * H + cols[None, :]
+    return rows, rmask, offs, mask
+
+
+@triton.jit
 def _ln_fwd_kernel(
     X,            # [ROWS, H] input, any float dtype
     DELTA,        # [ROWS, H] delta added after normalising (read only if HAS_DELTA)
@@ -72,12 +84,7 @@ def _ln_fwd_kernel(
     eps,          # LayerNorm epsilon
     HAS_DELTA: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # map the program id to the BLOCK_R rows it normalises
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < ROWS
-    mask = rmask[:, None] & (cols[None, :] < H)
-    offs = rows[:, None] * H + cols[None, :]
+    rows, rmask, offs, mask = _row_tile(ROWS, H, BLOCK_R, BLOCK_H)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     mean = tl.sum(x, axis=1) / H
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -100,11 +107,7 @@ def _ln_bwd_kernel(
     ROWS, H,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < ROWS
-    mask = rmask[:, None] & (cols[None, :] < H)
-    offs = rows[:, None] * H + cols[None, :]
+    rows, rmask, offs, mask = _row_tile(ROWS, H, BLOCK_R, BLOCK_H)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     mean = tl.load(MEAN + rows, mask=rmask, other=0.0).to(ACC)
@@ -123,11 +126,8 @@ def _row_stats_kernel(
     ROWS, H,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < ROWS
-    mask = rmask[:, None] & (cols[None, :] < H)
-    x = tl.load(X + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC)
+    rows, rmask, offs, mask = _row_tile(ROWS, H, BLOCK_R, BLOCK_H)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     amax = tl.max(tl.abs(x), axis=1)
     # tl.max may drop NaNs; torch's amax propagates them, and so do we
     has_nan = tl.sum((x != x).to(tl.int32), axis=1) > 0
@@ -166,11 +166,7 @@ def _sift_update_kernel(
     ROWS, H, lr,
     ACC: tl.constexpr, XACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < ROWS
-    mask = rmask[:, None] & (cols[None, :] < H)
-    offs = rows[:, None] * H + cols[None, :]
+    rows, rmask, offs, mask = _row_tile(ROWS, H, BLOCK_R, BLOCK_H)
     ok = tl.load(OK)
     d = tl.load(DELTA + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
@@ -190,11 +186,7 @@ def _smart_update_kernel(
     ROWS, H, step_size, epsilon,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < ROWS
-    mask = rmask[:, None] & (cols[None, :] < H)
-    offs = rows[:, None] * H + cols[None, :]
+    rows, rmask, offs, mask = _row_tile(ROWS, H, BLOCK_R, BLOCK_H)
     ok = tl.load(OK)
     n = tl.load(NOISE + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)

@@ -53,6 +53,44 @@ def variants(all_variants: bool):
                     {"ranges": "*i64", "part": "*fp64", "out": "*fp32", "n": "i32"},
                     dict(NCOL=ncol, NCOL_P2=triton_next_pow2(ncol), TPB=mt.FINISH_TENSORS, ROWS=mt.FINISH_ROWS),
                     False, 4))
+    return out + activation_variants()
+
+
+def activation_variants():
+    """The activation-space kernels (fused_adv/_triton/activation.py) for BERT-base rows (H = 768),
+    fp32 and bf16 activations; the tiles are what the launchers pick on a GPU."""
+    import triton.language as tl
+
+    from fused_adv._triton import activation as a
+    H = 768
+    rows = dict(ACC=tl.float32, BLOCK_R=a._TILE // triton_next_pow2(H), BLOCK_H=triton_next_pow2(H))
+    sizes = {"ROWS": "i32", "H": "i32"}
+    out = []
+    for tname, t in (("f32", "*fp32"), ("bf16", "*bf16")):
+        for has_delta in (False, True):
+            out.append((f"ln_delta_fwd[{tname},delta={has_delta}]", a._ln_fwd_kernel,
+                        {"X": t, "DELTA": "*fp32", "OUT": t, "MEAN": "*fp32", "RSTD": "*fp32", **sizes, "eps": "fp32"},
+                        dict(HAS_DELTA=has_delta, **rows), False, 4))
+        out += [
+            (f"ln_delta_bwd[{tname}]", a._ln_bwd_kernel,
+             {"DY": t, "X": t, "MEAN": "*fp32", "RSTD": "*fp32", "DX": t, **sizes}, rows, False, 4),
+            (f"row_absmax_sumsq[{tname}]", a._row_stats_kernel, {"X": t, "STATS": "*fp32", **sizes}, rows, False, 4),
+            (f"sift_perturb[{tname}]", a._sift_perturb_kernel,
+             {"XHAT": t, "NOISE": t, "DELTA": "*fp32", "OUT": t, "N": "i32", "bound": "fp32"},
+             dict(ACC=tl.float32, BLOCK=a._CHUNK), False, 4),
+            (f"sift_update_[{tname}]", a._sift_update_kernel,
+             {"DELTA": "*fp32", "G": "*fp32", "XHAT": t, "STATS": "*fp32", "OK": "*i32", "OUT": t, **sizes,
+              "lr": "fp32"}, dict(XACC=tl.float32, **rows), False, 4),
+            (f"smart_update_[{tname}]", a._smart_update_kernel,
+             {"NOISE": t, "G": t, "OK": "*i32", **sizes, "step_size": "fp32", "epsilon": "fp32"}, rows, False, 4),
+        ]
+        for linf in (False, True):
+            out.append((f"freelb_reduce[{tname},linf={linf}]", a._freelb_reduce_kernel,
+                        {"D": t, "G": t, "PART": "*fp32", "N": "i32", "NCHUNK": "i32"},
+                        dict(LINF=linf, ACC=tl.float32, BLOCK=a._CHUNK), False, 4))
+            out.append((f"freelb_update_[{tname},linf={linf}]", a._freelb_update_kernel,
+                        {"D": t, "G": t, "STATS": "*fp32", "N": "i32", "lr": "fp32", "max_norm": "fp32"},
+                        dict(LINF=linf, PROJECT=True, ACC=tl.float32, BLOCK=a._CHUNK), False, 4))
     return out
 
 

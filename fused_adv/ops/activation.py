@@ -114,6 +114,15 @@ def _mutable(op: str, name: str, t: Tensor) -> None:
         raise ValueError(f"fused_adv.{op}: {name} is mutated in place and must be contiguous")
 
 
+def _updated_in_place(op: str, name: str, t: Tensor, grad: Tensor, dtypes=FLOAT_DTYPES) -> Tensor:
+    """Checks of the in-place update ops: ``t`` (updated) is a mutable float tensor and ``grad``
+    matches it; returns ``grad`` contiguous."""
+    _float(op, name, t, dtypes)
+    _mutable(op, name, t)
+    _like(op, "grad", grad, t, name)
+    return _contig(grad)
+
+
 def _stats(op: str, stats: Tensor, n: int, cols: int, device) -> Tensor:
     if tuple(stats.shape) != (n, cols) or stats.dtype != torch.float32 or stats.device != device:
         raise ValueError(f"fused_adv.{op}: stats must be float32 {(n, cols)} on {device}, got "
@@ -175,12 +184,9 @@ def sift_update_(delta: Tensor, grad: Tensor, xhat: Tensor, stats: Tensor | None
     Returns the new perturbed activation (float(xhat) + delta) in xhat's dtype.
     ``stats`` = :func:`row_absmax_sumsq` (grad) (computed here when None)."""
     op = "sift_update_"
-    _float(op, "delta", delta, _WIDE)
-    _mutable(op, "delta", delta)
+    grad = _updated_in_place(op, "delta", delta, grad, _WIDE)
     _float(op, "xhat", xhat)
-    _like(op, "grad", grad, delta, "delta")
     _like(op, "xhat", xhat, delta, "delta", same_dtype=False)
-    grad = _contig(grad)
     if stats is None:
         stats = row_absmax_sumsq(grad, backend=backend)
     stats = _stats(op, stats, _rows_of(delta), 2, delta.device)
@@ -193,10 +199,7 @@ def smart_update_(noise: Tensor, grad: Tensor, stats: Tensor | None = None, step
     noise <- v / (max_j |v_j| + epsilon) per row with v = noise + step_size * grad; else noise is
     unchanged.  Returns ok: float32 0-dim, 1 if the step was taken, 0 if not."""
     op = "smart_update_"
-    _float(op, "noise", noise)
-    _mutable(op, "noise", noise)
-    _like(op, "grad", grad, noise, "noise")
-    grad = _contig(grad)
+    grad = _updated_in_place(op, "noise", noise, grad)
     if stats is None:
         stats = row_absmax_sumsq(grad, backend=backend)
     stats = _stats(op, stats, _rows_of(noise), 2, noise.device)
@@ -217,10 +220,7 @@ def freelb_update_(delta: Tensor, grad: Tensor, stats: Tensor | None, lr: float,
     onto the sphere; linf: delta += lr*g/max(max|g_b|, 1e-8), then clamp to +-max_norm (> 0).
     ``stats`` = :func:`freelb_reduce` (delta, grad, linf) (computed here when None)."""
     op = "freelb_update_"
-    _float(op, "delta", delta)
-    _mutable(op, "delta", delta)
-    _like(op, "grad", grad, delta, "delta")
-    grad = _contig(grad)
+    grad = _updated_in_place(op, "delta", delta, grad)
     if stats is None:
         stats = freelb_reduce(delta, grad, linf, backend=backend)
     stats = _stats(op, stats, delta.shape[0], 3, delta.device)
