@@ -1,6 +1,7 @@
 """SiFT (Scale-Invariant Fine-Tuning, DeBERTa) with fused activation ops: the drop-in.
 
-Same API and numbers as DeBERTa's ``DeBERTa.sift`` (reference: fused_adv.reference.sift)::
+Same API and numbers as DeBERTa's ``DeBERTa.sift`` (reference: fused_adv.reference.sift;
+docs/methods.md §5 (SiFT))::
 
     from fused_adv.sift import hook_sift_layer, AdversarialLearner
     adv_modules = hook_sift_layer(model, hidden_size=768)
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
+# DeBERTa's loss functions, shared with the reference (same module API as DeBERTa.sift)
+from fused_adv._shared import kl, mse, perturbation_loss_fns, symmetric_kl
 from fused_adv.ops import activation as _ops
-from fused_adv.reference import sift as _reference_sift
-from fused_adv.reference.sift import kl, mse, perturbation_loss_fns, symmetric_kl  # noqa: F401 (same API)
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
@@ -40,8 +41,9 @@ LN_EPS = 1e-7
 
 
 class PerturbationLayer(torch.nn.Module):
-    """Normalises its input (LayerNorm over the last dim, eps 1e-7, no affine) and, in
-    adversarial mode, returns x̂.detach() + delta (delta float32, result in x̂'s dtype).
+    """``PerturbationLayer(hidden_size, learning_rate=1e-4, init_perturbation=1e-2, backend=None)``:
+    normalises its input (LayerNorm over the last dim, eps 1e-7, no affine) and, in adversarial
+    mode, returns x̂.detach() + delta (delta float32, result in x̂'s dtype).
 
     Args: hidden_size (H of the [..., H] activations), learning_rate, init_perturbation (sigma
     of the initial delta, clamped to +-2 sigma), backend ('auto', 'torch', 'cpp', 'triton',
@@ -58,11 +60,19 @@ class PerturbationLayer(torch.nn.Module):
         self.adversarial_mode = False
 
     def adversarial_(self, adversarial=True):
+        """Switches adversarial mode on or off; switching off drops ``delta`` (the next
+        adversarial forward draws a new one).  Returns None; raises nothing."""
         self.adversarial_mode = adversarial
         if not adversarial:
             self.delta = None
 
     def forward(self, input):
+        """Normal mode: returns and stores ``input = LayerNorm(input)`` (fused ``ln_delta``;
+        ``input``: [..., H], fp32/fp16/bf16; same shape and dtype out, differentiable).
+        Adversarial mode: ignores ``input`` and returns ``perturbated_input`` (x̂.detach() + delta
+        in x̂'s dtype), initialising delta first when there is none.  Raises ValueError when the
+        last dim is not ``hidden_size``, AttributeError in adversarial mode when no normal-mode
+        forward ran before."""
         if not self.adversarial_mode:
             if input.shape[-1] != self.hidden_size:
                 raise ValueError(f"PerturbationLayer(hidden_size={self.hidden_size}) got an input of "
@@ -74,6 +84,15 @@ class PerturbationLayer(torch.nn.Module):
         return self.perturbated_input
 
     def update_delta(self, requires_grad=False):
+        """Initialises delta (first call in adversarial mode) or takes one ascent step on it.
+
+        Initialisation (``sift_perturb``): delta = clamp(N(0, sigma^2) drawn in x̂'s dtype,
+        +-2 sigma) as float32, and the perturbed input, in one pass.  Step (``sift_update_``):
+        ``delta += learning_rate * g / (1e-6 + max_j |g_j|)`` per token IN PLACE (skipped on the
+        device when ‖g‖ is NaN/Inf), g = ``delta.grad`` (then set to None), and the perturbed
+        input rewritten in the same pass.  ``delta`` ends as a float32 leaf with
+        ``requires_grad=requires_grad``.  Always returns True (also outside adversarial mode,
+        where it does nothing).  Raises RuntimeError when a step finds no gradient."""
         if not self.adversarial_mode:
             return True
         xhat = self.input.detach()
@@ -101,8 +120,11 @@ def hook_sift_layer(model, hidden_size, learning_rate=1e-4, init_perturbation=1e
                     target_module="embeddings.LayerNorm", *, backend=None, bind_each=False):
     """Registers a forward pre-hook on every module whose name contains ``target_module`` (or on
     ``target_module`` itself when it is a Module) replacing its input by PerturbationLayer(input);
-    removes hooks named ``adv_hook`` from an earlier call.  Returns the PerturbationLayers.
-    Raises ValueError when nothing matches."""
+    removes hooks named ``adv_hook`` from an earlier call.  Returns the PerturbationLayers (one per
+    matched module; ``backend`` is passed to each).  With ``bind_each=True`` each hook calls its
+    own layer; by default every hook calls the last one (DeBERTa's late binding).  Mutates the
+    matched modules' forward pre-hooks.  Raises ValueError when nothing matches, TypeError when
+    ``target_module`` is neither a str nor a Module."""
     if isinstance(target_module, str):
         modules = [k for n, k in model.named_modules() if target_module in n]
         if not modules:
@@ -133,8 +155,10 @@ def hook_sift_layer(model, hidden_size, learning_rate=1e-4, init_perturbation=1e
     return adv_modules
 
 
-class AdversarialLearner(_reference_sift.AdversarialLearner):
-    """The SiFT adversarial loss term (same API as DeBERTa's AdversarialLearner).
+class AdversarialLearner:
+    """``AdversarialLearner(model, adv_modules=None)``: the SiFT adversarial loss term (same API as
+    DeBERTa's AdversarialLearner).  ``adv_modules``: the PerturbationLayers to drive (default:
+    every :class:`PerturbationLayer` among ``model.modules()``).
 
     ``loss(target, logits_fn, loss_fn='symmetric-kl', *wargs, **kwargs)``: freezes the
     parameters, runs the adversarial forward (reusing x̂ from the clean forward just before),
@@ -144,13 +168,57 @@ class AdversarialLearner(_reference_sift.AdversarialLearner):
     """
 
     def __init__(self, model, adv_modules=None):
+        """Records the model, its parameters (in ``model.parameters()`` order) and the layers.
+        Raises nothing."""
         if adv_modules is None:
             adv_modules = [m for m in model.modules() if isinstance(m, PerturbationLayer)]
-        super().__init__(model, adv_modules)
+        self.adv_modules = adv_modules
+        self.parameters = [p for p in model.parameters()]
+        self.model = model
 
     def loss(self, target, logits_fn, loss_fn="symmetric-kl", *wargs, **kwargs):
-        try:
-            return super().loss(target, logits_fn, loss_fn, *wargs, **kwargs)
-        finally:  # unlike the original, requires_grad and normal mode come back even if a forward
-            self.cleanup()  # raises (cleanup is idempotent: a second call after success changes nothing)
+        """One delta ascent step, then ``symmetric_kl(perturbed logits, target).mean()``.
 
+        ``target``: the clean logits [..., C] (any float dtype); ``logits_fn(model, *wargs,
+        **kwargs)`` returns the logits of a forward (run in adversarial mode); ``loss_fn``:
+        'symmetric-kl' | 'kl' | 'mse' or a callable(source_logits, target_logits), used for the
+        ascent step only.  Every parameter's ``requires_grad`` is False during the first
+        adversarial forward and backward (only delta gets a gradient; parameter ``.grad`` are not
+        touched by it) and is put back before the second forward.  Returns a float32 0-dim tensor
+        that back-propagates into the parameters and ``target``.  Raises KeyError for an unknown
+        ``loss_fn`` name and what ``logits_fn`` raises; unlike the original, ``requires_grad`` and
+        normal mode come back also when it raises.
+        """
+        self.prepare()
+        try:
+            if isinstance(loss_fn, str):
+                loss_fn = perturbation_loss_fns[loss_fn]
+            pert_logits = logits_fn(self.model, *wargs, **kwargs)
+            pert_loss = loss_fn(pert_logits, target.detach()).sum()
+            pert_loss.backward()
+            for m in self.adv_modules:
+                m.update_delta(True)
+            # the second forward builds the graph into the parameters: unfreeze them first
+            for r, p in zip(self.prev, self.parameters):
+                p.requires_grad_(r)
+            pert_logits = logits_fn(self.model, *wargs, **kwargs)
+            return symmetric_kl(pert_logits, target).mean()
+        finally:
+            self.cleanup()
+
+    def prepare(self):
+        """Records every parameter's ``requires_grad``, sets them all to False and puts the layers
+        in adversarial mode.  Raises nothing."""
+        self.prev = [p.requires_grad for p in self.parameters]
+        for p in self.parameters:
+            p.requires_grad_(False)
+        for m in self.adv_modules:
+            m.adversarial_(True)
+
+    def cleanup(self):
+        """Puts back the ``requires_grad`` recorded by :meth:`prepare` and the layers' normal mode
+        (idempotent).  Raises AttributeError when :meth:`prepare` never ran."""
+        for r, p in zip(self.prev, self.parameters):
+            p.requires_grad_(r)
+        for m in self.adv_modules:
+            m.adversarial_(False)

@@ -1,4 +1,22 @@
-"""What the fused drop-in classes share: choosing parameters by name and owning their backups."""
+"""What the fused drop-in classes share: choosing parameters, owning their backups, restoring them.
+
+Parameter collection lives HERE and only here (new methods and sharded backends extend these
+functions instead of walking ``model.named_parameters()`` themselves).  The contract:
+
+* :func:`select_by_name` ``(model, pattern, what=..., require_grad=False)``: the parameters an
+  attack perturbs.  Chosen: ``requires_grad`` is True and ``pattern`` is a substring of the
+  qualified name (the community rule), each parameter once even when tied, in
+  ``named_parameters()`` order.  With ``require_grad=True`` those whose ``.grad`` is None are
+  left out.  Raises ValueError (listing embedding-like names) when NO trainable parameter's name
+  contains ``pattern``.  When names match but none has a ``.grad`` (``require_grad=True``) the
+  result is an empty list, NOT an error: AWP then perturbs nothing, as the Kaggle class does.
+* :func:`params_with_grad` ``(model)``: every trainable parameter whose ``.grad`` is not None
+  (PGD's clean-gradient set-aside).  May be empty; never raises.
+* :func:`embedding_like_parameters` ``(model)``: names for error messages only.
+
+FGM/FGSM/PGD use ``select_by_name(model, emb_name, what="emb_name")``; AWP uses
+``select_by_name(model, adv_param, what="adv_param", require_grad=True)``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +31,7 @@ RESTORE_MODES = ("copy", "swap")
 
 
 def check_restore_mode(mode: str) -> str:
+    """Returns ``mode`` if it is one of RESTORE_MODES ('copy', 'swap'); raises ValueError otherwise."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {mode!r}")
     return mode
@@ -59,6 +78,12 @@ def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: b
     return chosen
 
 
+def params_with_grad(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` with ``requires_grad`` and a ``.grad`` that is not None, in
+    ``model.parameters()`` order (each once, tied or not).  May be empty; raises nothing."""
+    return [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+
+
 class BackupPool:
     """Backups allocated once per parameter and reused every step (steady state allocates nothing).
 
@@ -69,6 +94,8 @@ class BackupPool:
         self._buffers: dict[int, torch.Tensor] = {}
 
     def get(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """One contiguous backup buffer per parameter (same shape, dtype, device; contents
+        undefined until written), allocated on first use and reused afterwards."""
         out = []
         for p in params:
             b = self._buffers.get(id(p))
@@ -96,9 +123,11 @@ class BackupPool:
             ops.restore_(data_of(p for p, _ in pairs), [b for _, b in pairs], backend=backend)
 
     def nbytes(self) -> int:
+        """Bytes held by all buffers."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def clear(self) -> None:
+        """Drops every buffer (the next ``get`` allocates again)."""
         self._buffers.clear()
 
 
@@ -114,8 +143,14 @@ class Perturbation:
 
     @torch.no_grad()
     def restore(self, *_args, **_kwargs) -> None:
-        """Puts the backed-up weights back bit for bit (arguments accepted for drop-in
-        compatibility with ``restore(emb_name=...)``; what was attacked is restored)."""
+        """Puts the backed-up weights back bit for bit: every attacked parameter gets its backup
+        (arguments are accepted for drop-in compatibility with ``restore(emb_name=...)`` and
+        ignored: what was attacked is restored).
+
+        ``restore_mode='copy'``: one multi-tensor copy into the parameters' own storage;
+        ``'swap'``: ``param.data`` is re-pointed at the backup (no copy; the old storage becomes
+        the next backup).  ``.grad`` is not touched.  Raises AttackStateError when nothing is
+        attacked (restore without attack, or twice)."""
         if self._attacked is None:
             raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack")
         self._pool.restore(self._attacked, self.backend, self.restore_mode)
@@ -126,7 +161,9 @@ class Perturbation:
 
     @contextlib.contextmanager
     def perturbed(self, **attack_kwargs):
-        """Attack on entry, restore on exit (also when the block raises)."""
+        """Context manager: ``attack(**attack_kwargs)`` on entry, :meth:`restore` on exit (also
+        when the block raises).  Yields self.  Raises what ``attack`` raises (then nothing is
+        restored, because nothing was attacked)."""
         self.attack(**self._attack_defaults(attack_kwargs))
         try:
             yield self
@@ -135,6 +172,7 @@ class Perturbation:
 
     @property
     def is_attacked(self) -> bool:
+        """True between an attack and the restore."""
         return self._attacked is not None
 
     def extra_memory_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Fused drop-in AWP, the Kaggle (Feedback Prize) class (SPEC.md §4).
+"""Fused drop-in AWP, the Kaggle (Feedback Prize) class (docs/methods.md §4 (AWP (Kaggle))).
 
 Per adversarial step: ONE multi-tensor reduction (||G||^2 and ||P||^2 of every perturbed tensor
 in one launch) and ONE multi-tensor update pass (reads P and G, writes the backup on the first
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fused_adv import ops
+from fused_adv._shared import awp_adversarial_pass
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
                                        select_by_name)
-from fused_adv.reference.awp import adversarial_backward
 
 
 class AWP(Perturbation):
@@ -41,6 +41,9 @@ class AWP(Perturbation):
     def __init__(self, model: nn.Module, optimizer, adv_param: str = "weight", adv_lr: float = 1.0,
                  adv_eps: float = 0.2, start_epoch: int = 0, adv_step: int = 1, scaler=None, *,
                  backend: str = "auto", autocast: bool | None = None, restore_mode: str = "copy"):
+        """Stores the arguments (see the class docstring; ``backend``: 'auto' | 'cuda' | 'triton' |
+        'cpp' | 'torch'; ``restore_mode``: 'copy' | 'swap').  Allocates nothing until the first
+        attack.  Raises ValueError when ``adv_step < 1`` or ``restore_mode`` is unknown."""
         if adv_step < 1:
             raise ValueError(f"adv_step must be >= 1, got {adv_step}")
         self.model = model
@@ -61,6 +64,16 @@ class AWP(Perturbation):
     def attack_backward(self, x=None, y=None, attention_mask=None, epoch: int = 0, *,
                         closure: Callable[[], torch.Tensor] | None = None,
                         backward: Callable[[torch.Tensor], None] | None = None):
+        """The adversarial part of a training step, after the clean backward (see the class
+        docstring for the arguments).
+
+        Mutates the selected parameters in place (restored bit for bit before returning, also
+        when the pass raises) and every parameter's ``.grad`` (zeroed by ``optimizer.zero_grad()``
+        then set to the adversarial gradient of the last step).  Returns the last adversarial loss
+        detached (0-dim, the loss's dtype), or None when skipped.  Raises TypeError when neither
+        ``x`` nor ``closure`` is given, ValueError when ``adv_param`` matches no trainable
+        parameter, and whatever the forward/backward raise (after restoring the weights).
+        """
         if (self.adv_lr == 0) or (epoch < self.start_epoch):
             return None
         if closure is None and x is None:
@@ -69,7 +82,9 @@ class AWP(Perturbation):
         try:
             for step in range(self.adv_step):
                 self.attack_step(first=(step == 0))
-                adv_loss = adversarial_backward(self, x, y, attention_mask, closure, backward)
+                adv_loss = awp_adversarial_pass(self.model, self.optimizer, x=x, y=y, attention_mask=attention_mask,
+                                                closure=closure, backward=backward, scaler=self.scaler,
+                                                autocast=self.autocast)
         finally:
             if self._attacked is not None:
                 self.restore()
@@ -78,8 +93,15 @@ class AWP(Perturbation):
     # -- building blocks -----------------------------------------------------------------------
     @torch.no_grad()
     def attack_step(self, first: bool = True) -> None:
-        """One perturbation step.  ``first`` selects the parameters (trainable, with a grad, name
-        containing ``adv_param``) and backs them up; later steps reuse that selection."""
+        """One perturbation step, in place: ``P += adv_lr * G/(||G||+e) * (||P||+e)`` (skipped on the
+        device when ||G|| is 0 or NaN), clamped to the box ``B -+ adv_eps*|B|`` around the backup.
+
+        ``first`` selects the parameters (trainable, with a grad, name containing ``adv_param``:
+        :func:`fused_adv.methods._common.select_by_name` with ``require_grad=True``) and backs
+        them up into the pool; later steps reuse that selection and skip parameters whose
+        ``.grad`` is None now.  Parameters of any float dtype; ``.grad`` is read, not changed.
+        Raises AttackStateError for ``first=True`` while attacked or ``first=False`` before a
+        first step, ValueError when ``adv_param`` matches no trainable parameter."""
         if first:
             if self._attacked is not None:
                 raise AttackStateError("AWP.attack_step(first=True) called again before restore()")
@@ -103,7 +125,9 @@ class AWP(Perturbation):
 
     @contextlib.contextmanager
     def perturbed(self, steps: int = 1):  # AWP's attack is attack_step: its own perturbed()
-        """``steps`` perturbation steps on entry (gradients as they are), restore on exit."""
+        """Context manager: ``steps`` calls of :meth:`attack_step` on entry (using the gradients
+        as they are), :meth:`restore` on exit, also when the block or a step raises.  Yields self.
+        Raises what :meth:`attack_step` raises."""
         try:
             for step in range(steps):
                 self.attack_step(first=(step == 0))

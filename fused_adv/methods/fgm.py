@@ -1,4 +1,4 @@
-"""Fused drop-in FGM and FGSM (SPEC.md §1-2).
+"""Fused drop-in FGM and FGSM (docs/methods.md §1 (FGM), §2 (FGSM)).
 
 Same constructor, methods and numbers as the community classes (fused_adv.reference), but the
 attack is two multi-tensor passes (a norm reduction over the grads, then one pass that reads P
@@ -14,8 +14,9 @@ from fused_adv import ops
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
                                        select_by_name)
 
+
 class FGM(Perturbation):
-    """``FGM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto')``.
+    """``FGM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto', restore_mode='copy')``.
 
     ``attack(epsilon=None, emb_name=None)`` perturbs every trainable parameter whose name contains
     ``emb_name``: P <- P + epsilon*G/||G|| (skipped when ||G|| is 0 or NaN), after backing P up.
@@ -28,6 +29,9 @@ class FGM(Perturbation):
 
     def __init__(self, model: nn.Module, emb_name: str = "word_embeddings", epsilon: float = 1.0, *,
                  backend: str = "auto", restore_mode: str = "copy"):
+        """Stores the arguments (``backend``: 'auto' | 'cuda' | 'triton' | 'cpp' | 'torch';
+        ``restore_mode``: 'copy' | 'swap').  Allocates nothing until the first attack.  Raises
+        ValueError for an unknown ``restore_mode``."""
         self.model = model
         self.emb_name = emb_name
         self.epsilon = epsilon
@@ -42,6 +46,17 @@ class FGM(Perturbation):
 
     @torch.no_grad()
     def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
+        """Backs up, then perturbs in place, every trainable parameter whose name contains
+        ``emb_name`` (:func:`fused_adv.methods._common.select_by_name`; tied weights once).
+
+        Parameters of any shape and float dtype (fp32/fp16/bf16), each with its ``.grad`` of the
+        same shape and dtype.  Those without a ``.grad`` are backed up but not moved.  The
+        backups live in a pool reused every step (one copy of the perturbed weights).  ``.grad``
+        is read, not changed.  ``epsilon`` / ``emb_name`` override the constructor's for this
+        call.  Raises AttackStateError when already attacked (restore first), ValueError when
+        ``emb_name`` matches no trainable parameter, BackendUnavailableError when the backend
+        cannot run on the parameters' device/dtype.
+        """
         if self._attacked is not None:
             raise AttackStateError(f"{type(self).__name__}.attack() called twice without restore(); "
                                    "call restore() after the adversarial backward")

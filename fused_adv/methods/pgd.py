@@ -1,4 +1,4 @@
-"""Fused drop-in PGD (SPEC.md §3).
+"""Fused drop-in PGD (docs/methods.md §3 (PGD)).
 
 Each attack step is one multi-tensor reduction (||G||^2, <P-B, G>, ||P-B||^2) and one update
 pass: the projection onto the epsilon-ball follows analytically from those three numbers, so
@@ -12,11 +12,12 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       select_by_name)
+                                       params_with_grad, select_by_name)
 
 
 class PGD(Perturbation):
-    """``PGD(model, epsilon=1.0, alpha=0.3, emb_name='word_embeddings', *, backend='auto')``.
+    """``PGD(model, epsilon=1.0, alpha=0.3, emb_name='word_embeddings', *, backend='auto',
+    restore_mode='copy')``.
 
     Loop (K steps), exactly as with the community class::
 
@@ -36,6 +37,9 @@ class PGD(Perturbation):
 
     def __init__(self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3,
                  emb_name: str = "word_embeddings", *, backend: str = "auto", restore_mode: str = "copy"):
+        """Stores the arguments (``backend``: 'auto' | 'cuda' | 'triton' | 'cpp' | 'torch';
+        ``restore_mode``: 'copy' | 'swap').  Allocates nothing until the first attack.  Raises
+        ValueError for an unknown ``restore_mode``."""
         self.model = model
         self.epsilon = epsilon
         self.alpha = alpha
@@ -57,6 +61,18 @@ class PGD(Perturbation):
     @torch.no_grad()
     def attack(self, is_first_attack: bool = False, epsilon: float | None = None, alpha: float | None = None,
                emb_name: str | None = None) -> None:
+        """One ascent step, in place, on every trainable parameter whose name contains
+        ``emb_name``: ``P += alpha * G/||G||`` (skipped on the device when ||G|| is 0 or NaN), then
+        P is projected onto the L2 ball of radius ``epsilon`` around its backup B.
+
+        ``is_first_attack`` backs the selected parameters up (into a reused pool) first.  G is
+        ``.grad``, or the gradient set aside by :meth:`backup_grad` when ``.grad`` is None;
+        parameters with neither are backed up but not moved.  Any float dtype; G has P's shape
+        and dtype.  ``epsilon`` / ``alpha`` / ``emb_name`` override the constructor's.  Raises
+        AttackStateError for a first attack while attacked, a later step before a first one, or a
+        later step whose ``emb_name`` selects parameters the first did not back up; ValueError
+        when ``emb_name`` matches no trainable parameter.
+        """
         epsilon = self.epsilon if epsilon is None else epsilon
         alpha = self.alpha if alpha is None else alpha
         chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
@@ -90,13 +106,18 @@ class PGD(Perturbation):
             self._attacked = list(zip(chosen, backups))
 
     def backup_grad(self) -> None:
-        """Sets the clean gradients of all trainable parameters aside (no copy)."""
-        self._grads_aside = [(p, p.grad) for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        """Sets the clean gradients aside without copying them: every trainable parameter that has
+        a ``.grad`` (:func:`fused_adv.methods._common.params_with_grad`) keeps a reference to it
+        here and its ``.grad`` becomes None (so the next backward starts from zero).  An earlier
+        set-aside that was not handed back is replaced.  Raises nothing."""
+        self._grads_aside = [(p, p.grad) for p in params_with_grad(self.model)]
         for p, _ in self._grads_aside:
             p.grad = None
 
     def restore_grad(self) -> None:
-        """Hands the set-aside clean gradients back as ``.grad`` (the next backward adds to them)."""
+        """Hands every set-aside clean gradient back as ``.grad`` (replacing whatever ``.grad`` holds
+        now; the next backward adds to it) and forgets them.  Without a prior
+        :meth:`backup_grad` it does nothing.  Raises nothing."""
         for p, g in self._grads_aside:
             p.grad = g
         self._grads_aside = []

@@ -21,16 +21,30 @@ from __future__ import annotations
 
 import torch
 
+# stable_kl / sym_kl_batchmean are looked up in this module's namespace at call time (tests patch
+# them here); they and the embedding hooks are shared with the reference class
+from fused_adv._shared import (embedding_module_of, embedding_output, logits_with_embedding, stable_kl,
+                               sym_kl_batchmean)
 from fused_adv.ops import activation as _ops
-from fused_adv.reference.smart import (SMART as _ReferenceSMART, embedding_module_of, embedding_output,
-                                       logits_with_embedding, stable_kl, sym_kl_batchmean)
 
 __all__ = ["SMART", "stable_kl", "sym_kl_batchmean"]
 
 
-class SMART(_ReferenceSMART):
-    """SMART(adv_alpha=1.0, noise_var=1e-5, step_size=1e-3, epsilon=1e-6, adv_K=1,
-    embedding_module=None, backend=None, host_guard=False).
+class SMART:
+    """``SMART(adv_alpha=1.0, noise_var=1e-5, step_size=1e-3, epsilon=1e-6, adv_K=1,
+    embedding_module=None, backend=None, host_guard=False)``.
+
+    Args:
+        adv_alpha: weight of the adversarial loss (the returned value is already multiplied).
+        noise_var: scale of the initial Gaussian noise.
+        step_size: ascent step.
+        epsilon: normalisation epsilon of ``v / (max_j |v_j| + epsilon)``.
+        adv_K: number of ascent steps.
+        embedding_module: the module whose output is perturbed (default
+            ``model.base_model.embeddings``).
+        backend: the op backend ('auto', 'torch', 'cpp', 'triton', 'cuda'; None: auto /
+            FUSED_ADV_BACKEND).
+        host_guard: read the NaN/Inf flag on the host and return the int 0 as the reference does.
 
     ``loss(model, batch, logits)``: ``batch`` = the model's kwargs, ``logits`` = the clean logits
     [B, C] of that batch.  Returns ``adv_alpha * SymKL(logits, adv_logits)`` (0-dim tensor) to add
@@ -39,12 +53,31 @@ class SMART(_ReferenceSMART):
 
     def __init__(self, adv_alpha=1.0, noise_var=1e-5, step_size=1e-3, epsilon=1e-6, adv_K=1,
                  embedding_module=None, backend=None, host_guard=False):
-        super().__init__(adv_alpha=adv_alpha, noise_var=noise_var, step_size=step_size, epsilon=epsilon,
-                         adv_K=adv_K, embedding_module=embedding_module)
+        """Stores the arguments (see the class docstring); raises nothing."""
+        self.adv_alpha = adv_alpha
+        self.noise_var = noise_var
+        self.step_size = step_size
+        self.epsilon = epsilon
+        self.adv_K = adv_K
+        self.embedding_module = embedding_module
         self.backend = backend
         self.host_guard = host_guard
 
     def loss(self, model, batch, logits):
+        """The SMART term for one batch, to add to the task loss.
+
+        ``batch``: the model's kwargs; ``logits``: the clean logits [B, C] of that batch (any
+        float dtype; the term back-propagates into them and, through the perturbed forward, into
+        the parameters).  Runs one forward up to the embedding module, draws the noise (N(0, 1) *
+        noise_var in the embedding output's dtype, the reference's draw), takes ``adv_K`` ascent
+        steps (each a forward, an ``autograd.grad`` w.r.t. the noise only — parameter ``.grad``
+        are not touched — and one fused in-place noise update) and one final forward.
+
+        Returns ``adv_alpha * sym_kl_batchmean(logits, adv_logits)`` (float32 0-dim); when an
+        ascent gradient's norm is NaN/Inf, a 0-valued tensor with zero gradient (device guard),
+        or the Python int 0 with ``host_guard=True``.  Raises ValueError when no embedding module
+        is found, and what the model raises.
+        """
         module = self.embedding_module if self.embedding_module is not None else embedding_module_of(model)
         embed = embedding_output(model, module, batch)
         noise = (embed.detach().new(embed.size()).normal_(0, 1) * self.noise_var).contiguous()

@@ -1,5 +1,8 @@
 """fused_adv.reference: the community classes, literal and slow — the oracle every backend is
-tested against (SPEC.md).  Not for production: use fused_adv.FGM / PGD / AWP ..."""
+tested against (docs/methods.md).  Not for production: use fused_adv.FGM / PGD / AWP ...
+
+These classes share no code with the fused drop-ins except the helpers of fused_adv._shared
+(pinned on their own by tests/test_shared_helpers.py)."""
 from fused_adv.reference.awp import AWP
 from fused_adv.reference.fgm import FGM, FGSM
 from fused_adv.reference.freelb import FreeLB

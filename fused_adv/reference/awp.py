@@ -1,4 +1,5 @@
-"""The Kaggle (Feedback Prize) AWP class, step for step (SPEC.md §4): the oracle for the fused one.
+"""The Kaggle (Feedback Prize) AWP class, step for step: the oracle for the fused one
+(docs/methods.md §4 (AWP (Kaggle))).
 
 Keeps three extra copies of every perturbed weight (backup, lo, hi), runs a Python loop with a
 host sync per tensor, and restores by re-pointing ``param.data``.  The optimizer step that
@@ -6,44 +7,32 @@ follows uses ONLY the last adversarial gradient (the clean one is zeroed).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
-
-def model_loss(model, x, y, attention_mask) -> torch.Tensor:
-    """The Kaggle call convention: model(input_ids=x, attention_mask=..., labels=y); the loss
-    is ``.loss`` or the first element of the output, averaged."""
-    out = model(input_ids=x, attention_mask=attention_mask, labels=y)
-    loss = out.loss if hasattr(out, "loss") else out[0]
-    return loss.mean()
-
-
-def adversarial_autocast(enabled: bool | None):
-    """The Kaggle class wraps the adversarial forward in CUDA autocast (a no-op for CPU ops)."""
-    if enabled is None:
-        enabled = torch.cuda.is_available()
-    return torch.autocast(device_type="cuda", enabled=True) if enabled else contextlib.nullcontext()
-
-
-def adversarial_backward(awp, x, y, attention_mask, closure, backward) -> torch.Tensor:
-    """One adversarial pass of the Kaggle class: forward (under its autocast), zero the grads (the
-    clean gradient is DISCARDED), backward through the scaler when there is one.  Shared by the
-    reference and the fused AWP so both run exactly the same pass."""
-    with adversarial_autocast(awp.autocast):
-        adv_loss = closure() if closure is not None else model_loss(awp.model, x, y, attention_mask)
-    awp.optimizer.zero_grad()
-    if backward is not None:
-        backward(adv_loss)
-    elif awp.scaler is not None:
-        awp.scaler.scale(adv_loss).backward()
-    else:
-        adv_loss.backward()
-    return adv_loss
+from fused_adv._shared import awp_adversarial_pass
 
 
 class AWP:
+    """``AWP(model, optimizer, adv_param='weight', adv_lr=1.0, adv_eps=0.2, start_epoch=0, adv_step=1,
+    scaler=None, autocast=None)``: the Kaggle class.
+
+    Args:
+        model: the nn.Module whose parameters are perturbed.
+        optimizer: its optimizer (only ``zero_grad()`` is called, to discard the clean gradient).
+        adv_param: substring of the names of the parameters to perturb ('weight').
+        adv_lr: step size relative to the weight norm (0 turns AWP off).
+        adv_eps: half-width of the box around each weight, relative to |weight|.
+        start_epoch: ``attack_backward`` does nothing for ``epoch < start_epoch``.
+        adv_step: perturbation steps (adversarial forward/backward passes) per call.
+        scaler: a ``torch.cuda.amp.GradScaler`` (or anything with ``.scale(loss)``) or None.
+        autocast: run the adversarial forward under CUDA autocast (None: when CUDA is available).
+
+    State: ``backup`` (name -> clone of the weight) and ``backup_eps`` (name -> (lo, hi)) while a
+    call is in progress; both are empty between calls.
+    """
+
     def __init__(self, model, optimizer, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2,
                  start_epoch: int = 0, adv_step: int = 1, scaler=None, autocast: bool | None = None):
         self.model = model
@@ -61,13 +50,33 @@ class AWP:
     def attack_backward(self, x=None, y=None, attention_mask=None, epoch: int = 0, *,
                         closure: Callable[[], torch.Tensor] | None = None,
                         backward: Callable[[torch.Tensor], None] | None = None):
+        """The adversarial part of a training step, after the clean backward.
+
+        ``x``, ``attention_mask``: [B, L] token ids / mask and ``y`` the labels of the Kaggle
+        convention ``model(input_ids=x, attention_mask=attention_mask, labels=y)``; or
+        ``closure()`` returning the adversarial loss; ``backward(loss)`` replaces the default
+        backward (``scaler.scale(loss).backward()`` or ``loss.backward()``).
+
+        For each of ``adv_step`` steps: perturbs every trainable parameter whose name contains
+        ``adv_param`` and whose ``.grad`` is not None (``P += adv_lr * G/(|G|+e) * (|P|+e)``,
+        skipped when |G| is 0 or NaN, then clamped to the box ``B -+ adv_eps*|B|``), runs the
+        adversarial pass (:func:`fused_adv._shared.awp_adversarial_pass`: the clean gradient is
+        ZEROED, the adversarial one computed); then re-points every ``param.data`` at its backup.
+
+        Returns the last adversarial loss (not detached), or None when skipped (``adv_lr == 0`` or
+        ``epoch < start_epoch``).  Mutates the parameters (restored at the end, by pointer) and
+        their ``.grad``.  Raises what the forward/backward raise, leaving the weights PERTURBED
+        (the community behaviour; the fused class restores them).
+        """
         if (self.adv_lr == 0) or (epoch < self.start_epoch):
             return None
         self._save()
         adv_loss = None
         for _ in range(self.adv_step):
             self._attack_step()
-            adv_loss = adversarial_backward(self, x, y, attention_mask, closure, backward)
+            adv_loss = awp_adversarial_pass(self.model, self.optimizer, x=x, y=y, attention_mask=attention_mask,
+                                            closure=closure, backward=backward, scaler=self.scaler,
+                                            autocast=self.autocast)
         self._restore()
         return adv_loss
 

@@ -1,4 +1,5 @@
-"""FreeLB (Zhu et al., ICLR 2020): the reference implementation (SPEC.md section 6).
+"""FreeLB (Zhu et al., ICLR 2020): the reference implementation
+(docs/methods.md §6 (FreeLB)).
 
 A readable restatement of the training-loop code of the official HuggingFace example
 (zhuchen03/FreeLB, ``huggingface-transformers/examples/run_glue_freelb.py``), packaged as the
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from fused_adv._shared import check_freelb_norm_type, freelb_init_delta, lookup_embeddings
+
 __all__ = ["FreeLB"]
 
 
 class FreeLB:
-    """FreeLB adversarial training in a plain loop.
+    """``FreeLB(adv_K=3, adv_lr=1e-1, adv_init_mag=2e-2, adv_max_norm=0.0, adv_norm_type='l2',
+    embedding=None)``: FreeLB adversarial training in a plain loop.
 
     Args:
         adv_K: number of ascent steps K (= forward/backward passes per batch).
@@ -45,39 +49,30 @@ class FreeLB:
 
     def __init__(self, adv_K=3, adv_lr=1e-1, adv_init_mag=2e-2, adv_max_norm=0.0, adv_norm_type="l2",
                  embedding=None):
-        if adv_norm_type not in ("l2", "linf"):
-            raise ValueError(f"adv_norm_type must be 'l2' or 'linf', got {adv_norm_type!r}")
+        """Stores the arguments (see the class docstring); raises ValueError when
+        ``adv_norm_type`` is not 'l2' or 'linf'."""
         self.adv_K = adv_K
         self.adv_lr = adv_lr
         self.adv_init_mag = adv_init_mag
         self.adv_max_norm = adv_max_norm
-        self.adv_norm_type = adv_norm_type
+        self.adv_norm_type = check_freelb_norm_type(adv_norm_type)
         self.embedding = embedding
 
-    def _embed(self, model, input_ids):
-        emb = self.embedding if self.embedding is not None else model.get_input_embeddings()
-        return emb(input_ids)
-
     def init_delta(self, embeds_init, attention_mask):
-        """The initial delta [B, L, E] (in the embeddings' dtype); consumes the RNG exactly as the
-        original (one ``uniform_`` of the full shape when adv_init_mag > 0)."""
-        if self.adv_init_mag > 0:
-            input_mask = attention_mask.to(embeds_init)
-            input_lengths = torch.sum(input_mask, 1)
-            if self.adv_norm_type == "l2":
-                delta = torch.zeros_like(embeds_init).uniform_(-1, 1) * input_mask.unsqueeze(2)
-                dims = input_lengths * embeds_init.size(-1)
-                mag = self.adv_init_mag / torch.sqrt(dims)
-                delta = (delta * mag.view(-1, 1, 1)).detach()
-            else:
-                delta = torch.zeros_like(embeds_init).uniform_(-self.adv_init_mag, self.adv_init_mag)
-                delta = delta * input_mask.unsqueeze(2)
-        else:
-            delta = torch.zeros_like(embeds_init)
-        return delta
+        """The initial delta [B, L, E] for embeddings [B, L, E] and mask [B, L], in the embeddings'
+        dtype (:func:`fused_adv._shared.freelb_init_delta`: one ``uniform_`` of the full shape when
+        adv_init_mag > 0, zeros otherwise).  Mutates nothing."""
+        return freelb_init_delta(embeds_init, attention_mask, self.adv_init_mag, self.adv_norm_type)
 
     def update_delta(self, delta, delta_grad):
-        """One ascent step + projection (the original's steps (3)); returns the new delta."""
+        """One ascent step + projection (the original's step (3)) in plain torch.
+
+        ``delta``, ``delta_grad``: [B, ...] (same shape; any float dtype).  'l2':
+        ``delta + adv_lr * g / max(||g_b||, 1e-8)`` per sample b, then, when adv_max_norm > 0,
+        samples with ||delta_b|| > adv_max_norm are scaled onto that sphere (a sample whose norm
+        is exactly 0 becomes NaN, as in the original).  'linf': the step divides by max|g_b|
+        (clamped to 1e-8) and the result is clamped to +-adv_max_norm.  Returns a NEW detached
+        tensor; the arguments are not modified.  Raises nothing of its own."""
         if self.adv_norm_type == "l2":
             denorm = torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1)
             denorm = torch.clamp(denorm, min=1e-8)
@@ -96,12 +91,19 @@ class FreeLB:
         return delta
 
     def attack(self, model, inputs, gradient_accumulation_steps=1):
-        """Runs the K adversarial forward/backward passes; returns the sum of the K scaled losses
-        (a detached 0-dim tensor: the average adversarial loss / gradient_accumulation_steps).
-        Parameter ``.grad`` accumulate; the caller steps the optimizer."""
+        """Runs the K adversarial forward/backward passes on ``inputs_embeds = embeds + delta``.
+
+        ``inputs``: dict of model kwargs with ``input_ids`` [B, L] (replaced by
+        ``inputs_embeds`` [B, L, E]; the dict itself is not modified) and ``attention_mask``
+        [B, L]; the model must return ``.loss``.  Each pass back-propagates
+        ``loss.mean() / gradient_accumulation_steps / K``, so parameter ``.grad`` ACCUMULATE the
+        mean adversarial gradient (nothing is zeroed; the caller steps the optimizer).  Returns
+        the sum of the K scaled losses (a detached 0-dim tensor in the loss's dtype).  Raises
+        KeyError when ``input_ids`` or ``attention_mask`` is missing, and what the model raises.
+        """
         inputs = dict(inputs)
         input_ids = inputs.pop("input_ids")
-        embeds_init = self._embed(model, input_ids)
+        embeds_init = lookup_embeddings(model, self.embedding, input_ids)
         delta = self.init_delta(embeds_init, inputs["attention_mask"])
         total = None
         for astep in range(self.adv_K):
@@ -118,5 +120,5 @@ class FreeLB:
                 break
             delta_grad = delta.grad.clone().detach()
             delta = self.update_delta(delta, delta_grad)
-            embeds_init = self._embed(model, input_ids)
+            embeds_init = lookup_embeddings(model, self.embedding, input_ids)
         return total

@@ -1,4 +1,5 @@
-"""SiFT (Scale-Invariant Fine-Tuning, DeBERTa): the reference implementation (SPEC.md section 5).
+"""SiFT (Scale-Invariant Fine-Tuning, DeBERTa): the reference implementation
+(docs/methods.md §5 (SiFT)).
 
 A readable restatement of microsoft/DeBERTa ``DeBERTa/sift/sift.py`` (MIT), step for step, so that
 it can serve as the oracle for the fused drop-in :mod:`fused_adv.sift`.  Kept deliberately as the
@@ -16,14 +17,17 @@ original behaves, including:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+# the loss functions are shared with the fused drop-in (fused_adv.sift)
+from fused_adv._shared import kl, mse, perturbation_loss_fns, symmetric_kl
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
 
 
 class PerturbationLayer(torch.nn.Module):
-    """Normalises its input and, in adversarial mode, adds the perturbation ``delta``.
+    """``PerturbationLayer(hidden_size, learning_rate=1e-4, init_perturbation=1e-2)``: normalises its
+    input and, in adversarial mode, adds the perturbation ``delta``.
 
     Args:
         hidden_size: size of the last dimension H of the perturbed activations [..., H].
@@ -43,11 +47,18 @@ class PerturbationLayer(torch.nn.Module):
         self.adversarial_mode = False
 
     def adversarial_(self, adversarial=True):
+        """Switches adversarial mode on or off; switching off drops ``delta`` (the next
+        adversarial forward draws a new one).  Returns None; raises nothing."""
         self.adversarial_mode = adversarial
         if not adversarial:
             self.delta = None
 
     def forward(self, input):
+        """Normal mode: returns and stores ``input = LayerNorm(input)`` (``input``: [..., H], any
+        float dtype; same shape and dtype out).  Adversarial mode: ignores ``input`` and returns
+        ``perturbated_input`` (x̂.detach() + delta in x̂'s dtype), initialising delta first when
+        there is none.  Raises AttributeError in adversarial mode when no normal-mode forward ran
+        before, and RuntimeError (from LayerNorm) when the last dim is not ``hidden_size``."""
         if not self.adversarial_mode:
             self.input = self.LayerNorm(input)
             return self.input
@@ -58,7 +69,13 @@ class PerturbationLayer(torch.nn.Module):
     def update_delta(self, requires_grad=False):
         """Initialises delta (first call in adversarial mode) or takes one ascent step on it.
 
-        Returns False (and leaves delta unchanged) when ‖delta.grad‖ is NaN or Inf.
+        Initialisation: delta = clamp(N(0, sigma^2) drawn in x̂'s dtype, +-2 sigma), float32.
+        Step: ``delta += learning_rate * g / (1e-6 + max_j |g_j|)`` per token, g = ``delta.grad``
+        (which is then set to None).  Either way ``delta`` becomes a new float32 leaf with
+        ``requires_grad=requires_grad`` and ``perturbated_input`` is rebuilt.  Does nothing and
+        returns True outside adversarial mode.  Returns False (and leaves delta unchanged) when
+        ‖delta.grad‖ is NaN or Inf (read on the host).  Raises AttributeError when a step finds
+        no gradient (``delta.grad`` is None).
         """
         if not self.adversarial_mode:
             return True
@@ -108,7 +125,10 @@ def hook_sift_layer(model, hidden_size, learning_rate=1e-4, init_perturbation=1e
 
 
 class AdversarialLearner:
-    """Computes the SiFT adversarial loss term.
+    """``AdversarialLearner(model, adv_modules=None)``: computes the SiFT adversarial loss term.
+
+    ``adv_modules``: the PerturbationLayers to drive (default: every PerturbationLayer among
+    ``model.modules()``).
 
     Usage (as DeBERTa)::
 
@@ -132,6 +152,12 @@ class AdversarialLearner:
         ``target``: the clean logits [..., C]; ``logits_fn(model, *wargs, **kwargs)`` returns the
         logits of a forward in adversarial mode; ``loss_fn``: 'symmetric-kl' | 'kl' | 'mse' or a
         callable(source_logits, target_logits) used for the ascent step only.
+
+        Sets every parameter's ``requires_grad`` to False for the first adversarial forward and
+        backward (only delta gets a gradient), then puts it back; leaves the layers in normal mode.
+        Returns a float32 0-dim tensor that back-propagates into the parameters and ``target``.
+        Raises KeyError for an unknown ``loss_fn`` name, and what ``logits_fn`` raises (then the
+        parameters stay FROZEN and the layers adversarial, as in the original).
         """
         self.prepare()
         if isinstance(loss_fn, str):
@@ -151,6 +177,8 @@ class AdversarialLearner:
         return pert_loss.mean()
 
     def prepare(self):
+        """Records every parameter's ``requires_grad``, sets them all to False and puts the layers
+        in adversarial mode.  Raises nothing."""
         self.prev = [p.requires_grad for p in self.parameters]
         for p in self.parameters:
             p.requires_grad_(False)
@@ -158,39 +186,9 @@ class AdversarialLearner:
             m.adversarial_(True)
 
     def cleanup(self):
+        """Puts back the ``requires_grad`` recorded by :meth:`prepare` and the layers' normal mode.
+        Raises AttributeError when :meth:`prepare` never ran."""
         for r, p in zip(self.prev, self.parameters):
             p.requires_grad_(r)
         for m in self.adv_modules:
             m.adversarial_(False)
-
-
-def symmetric_kl(logits, target):
-    """Per row of C logits, in float32: CE(p_t, log p_s) + CE(p_s, log p_t) with both
-    probabilities detached.  Gradient w.r.t. logits: p_s - p_t; w.r.t. target: p_t - p_s."""
-    logit_stu = logits.view(-1, logits.size(-1)).float()
-    logit_tea = target.view(-1, target.size(-1)).float()
-    logprob_stu = F.log_softmax(logit_stu, -1)
-    logprob_tea = F.log_softmax(logit_tea, -1)
-    prob_tea = logprob_tea.exp().detach()
-    prob_stu = logprob_stu.exp().detach()
-    floss = (prob_tea * (-logprob_stu)).sum(-1)
-    bloss = (prob_stu * (-logprob_tea)).sum(-1)
-    return floss + bloss
-
-
-def kl(logits, target):
-    logit_stu = logits.view(-1, logits.size(-1)).float()
-    logit_tea = target.view(-1, target.size(-1)).float()
-    logprob_stu = F.log_softmax(logit_stu, -1)
-    logprob_tea = F.log_softmax(logit_tea.detach(), -1)
-    prob_tea = logprob_tea.exp()
-    return (prob_tea * (-logprob_stu)).sum(-1)
-
-
-def mse(logits, target):
-    logit_stu = logits.view(-1, logits.size(-1)).float()
-    logit_tea = target.view(-1, target.size(-1)).float()
-    return F.mse_loss(logit_stu.view(-1), logit_tea.view(-1))
-
-
-perturbation_loss_fns = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}

@@ -1,4 +1,5 @@
-"""SMART (Jiang et al., ACL 2020): the reference implementation (SPEC.md section 7).
+"""SMART (Jiang et al., ACL 2020): the reference implementation
+(docs/methods.md §7 (SMART)).
 
 A readable restatement of the smoothness-inducing adversarial regulariser of namisan/mt-dnn
 (``mt_dnn/perturbation.py``, ``SmartPerturbation`` with ``stable_kl`` and ``SymKlCriterion``),
@@ -18,81 +19,19 @@ for HuggingFace-style models:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["SMART", "stable_kl", "sym_kl_batchmean"]
+# stable_kl and sym_kl_batchmean are looked up in this module's namespace at call time (tests
+# patch them here); they and the embedding hooks are shared with the fused class
+from fused_adv._shared import (embedding_module_of, embedding_output, logits_with_embedding, stable_kl,
+                               sym_kl_batchmean)
 
-
-def stable_kl(logit, target, epsilon=1e-6, reduce=True):
-    """mt-dnn's numerically stable KL: sum(p * (rp - ry) * 2) / rows, with rp = -log(1/(p+eps) - 1
-    + eps) (detached) and p = softmax(logit), y = softmax(target); float32."""
-    logit = logit.view(-1, logit.size(-1)).float()
-    target = target.view(-1, target.size(-1)).float()
-    bs = logit.size(0)
-    p = F.log_softmax(logit, 1).exp()
-    y = F.log_softmax(target, 1).exp()
-    rp = -(1.0 / (p + epsilon) - 1 + epsilon).detach().log()
-    ry = -(1.0 / (y + epsilon) - 1 + epsilon).detach().log()
-    if reduce:
-        return (p * (rp - ry) * 2).sum() / bs
-    return (p * (rp - ry) * 2).sum()
-
-
-def sym_kl_batchmean(input, target):
-    """mt-dnn SymKlCriterion (alpha 1): KL(softmax(target).detach() || input) +
-    KL(softmax(input).detach() || target), reduction='batchmean', float32."""
-    input = input.float()
-    target = target.float()
-    return (F.kl_div(F.log_softmax(input, dim=-1, dtype=torch.float32),
-                     F.softmax(target.detach(), dim=-1, dtype=torch.float32), reduction="batchmean")
-            + F.kl_div(F.log_softmax(target, dim=-1, dtype=torch.float32),
-                       F.softmax(input.detach(), dim=-1, dtype=torch.float32), reduction="batchmean"))
-
-
-class _Stop(Exception):
-    pass
-
-
-def embedding_module_of(model):
-    """The module whose output is perturbed: ``model.base_model.embeddings`` for HF models."""
-    base = getattr(model, "base_model", model)
-    emb = getattr(base, "embeddings", None)
-    if emb is None:
-        raise ValueError("SMART: cannot find the embedding module (model.base_model.embeddings); "
-                         "pass embedding_module=")
-    return emb
-
-
-def embedding_output(model, module, batch):
-    """Runs ``model(**batch)`` only up to ``module`` and returns that module's output (with its
-    graph to the embedding parameters); the rest of the model is not run."""
-    box = {}
-
-    def hook(mod, args, out):
-        box["out"] = out
-        raise _Stop
-
-    h = module.register_forward_hook(hook)
-    try:
-        model(**batch)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box["out"]
-
-
-def logits_with_embedding(model, module, batch, embed):
-    """``model(**batch).logits`` with ``module``'s output replaced by ``embed``."""
-    h = module.register_forward_hook(lambda mod, args, out: embed)
-    try:
-        return model(**batch).logits
-    finally:
-        h.remove()
+__all__ = ["SMART", "stable_kl", "sym_kl_batchmean", "embedding_module_of", "embedding_output",
+           "logits_with_embedding"]
 
 
 class SMART:
-    """SMART adversarial regulariser in a plain loop.
+    """``SMART(adv_alpha=1.0, noise_var=1e-5, step_size=1e-3, epsilon=1e-6, adv_K=1,
+    embedding_module=None)``: the SMART adversarial regulariser in a plain loop.
 
     Args:
         adv_alpha: weight of the adversarial loss (the returned value is already multiplied).
@@ -124,9 +63,21 @@ class SMART:
         self.embedding_module = embedding_module
 
     def _norm_grad(self, grad):
+        """``grad / (max_j |grad_j| + epsilon)`` per token (over the last dim); a new tensor."""
         return grad / (grad.abs().max(-1, keepdim=True)[0] + self.epsilon)
 
     def loss(self, model, batch, logits):
+        """The SMART term for one batch, to add to the task loss.
+
+        ``batch``: the model's kwargs; ``logits``: the clean logits [B, C] of that batch (any
+        float dtype; the term back-propagates into them and, through the perturbed forward, into
+        the parameters).  Runs one forward up to the embedding module, draws the noise (N(0, 1) *
+        noise_var in the embedding output's dtype), takes ``adv_K`` ascent steps (each a forward
+        and an ``autograd.grad`` w.r.t. the noise only: parameter ``.grad`` are not touched) and
+        one final forward.  Returns ``adv_alpha * sym_kl_batchmean(logits, adv_logits)`` (float32
+        0-dim), or the Python int 0 when an ascent gradient's norm is NaN/Inf (read on the host).
+        Raises ValueError when no embedding module is found, and what the model raises.
+        """
         module = self.embedding_module if self.embedding_module is not None else embedding_module_of(model)
         embed = embedding_output(model, module, batch)
         noise = embed.data.new(embed.size()).normal_(0, 1) * self.noise_var
