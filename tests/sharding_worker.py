@@ -1,0 +1,391 @@
+"""Per-rank scenarios for tests/test_sharding.py: 2 gloo processes on CPU.
+
+Each scenario builds a tiny sharded model, computes the unsharded (full-tensor) statistics in
+float64 as the oracle, then localizes the parameters with fused_adv.sharding and checks the
+reduced statistics, the number of all_reduce calls per phase and the in-place writes.  Failures
+are collected, not raised mid-scenario, so both ranks always issue the same collectives; each
+rank writes {scenario: "ok" | traceback} to <out>/rank<r>.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+RTOL = 1e-6
+
+
+class Tiny(nn.Module):
+    """Shapes chosen against a world of 2: emb [5, 4] and lin.weight [3, 4] have an odd dim 0
+    (uneven Shard(0) pieces), ``single`` [1, 6] is held entirely by rank 0 under Shard(0)
+    (rank 1's piece is empty), ``frozen`` gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 3)
+        self.single = nn.Parameter(torch.randn(1, 6))
+        self.unused = nn.Parameter(torch.randn(2, 2))  # requires grad, never used: grad stays None
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, ids):
+        h = self.norm(torch.tanh(self.lin(self.emb(ids))))
+        return ((h * self.single[0, :3]).sum(-1) + self.single[0, 3:].sum()).pow(2).mean()
+
+
+class Fsdp1Tiny(nn.Module):
+    """Parameters a [5], b [3, 2], c [3] flatten into 14 elements, 7 per rank: a lies entirely
+    in rank 0's shard, c entirely in rank 1's, b is split; ``inner`` is a second FSDP unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(5))
+        self.b = nn.Parameter(torch.randn(3, 2))
+        self.c = nn.Parameter(torch.randn(3))
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = x[:, :5] * self.a + x[:, :2].matmul(self.b.t()).sum(-1, keepdim=True)
+        return (self.inner(h[:, :3] * self.c) ** 2).mean()
+
+
+class CallCounter:
+    """Wraps torch.distributed.all_reduce (what fused_adv.sharding calls) and counts calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    @contextlib.contextmanager
+    def counting(self):
+        original = dist.all_reduce
+
+        def wrapped(tensor, *args, **kwargs):
+            self.calls.append((tuple(tensor.shape), kwargs.get("group")))
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = wrapped
+        try:
+            yield self
+        finally:
+            dist.all_reduce = original
+
+    def take(self) -> int:
+        n = len(self.calls)
+        self.calls = []
+        return n
+
+
+class Checks:
+    def __init__(self):
+        self.errors = []
+
+    def close(self, what, got, want, rtol=RTOL, scale=None):
+        """|got - want| <= rtol * scale elementwise (scale defaults to |want|)."""
+        got = got.detach().double().cpu()
+        want = want.detach().double().cpu()
+        if got.shape != want.shape:
+            self.errors.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+            return
+        scale = want.abs() if scale is None else scale.double().cpu()
+        err = (got - want).abs()
+        bad = err > rtol * scale
+        if bad.any():
+            worst = (err / scale.clamp_min(1e-300)).max().item()
+            self.errors.append(f"{what}: rel err {worst:.3g} > {rtol}: got {got.tolist()} want {want.tolist()}")
+
+    def equal(self, what, got, want):
+        if got != want:
+            self.errors.append(f"{what}: {got!r} != {want!r}")
+
+    def true(self, what, cond):
+        if not cond:
+            self.errors.append(what)
+
+    def raise_if_any(self):
+        if self.errors:
+            raise AssertionError("\n".join(self.errors))
+
+
+def full_stats(full_p, full_g, backups):
+    """float64 oracles over full tensors: sumsq(G), sumsq(P), pgd [N,3] with B, max|G|."""
+    gs = torch.stack([g.double().pow(2).sum() for g in full_g])
+    ps = torch.stack([p.double().pow(2).sum() for p in full_p])
+    pgd = torch.stack([torch.stack([g.double().pow(2).sum(), ((p.double() - b.double()) * g.double()).sum(),
+                                    (p.double() - b.double()).pow(2).sum()])
+                       for p, g, b in zip(full_p, full_g, backups)])
+    mx = torch.stack([g.double().abs().max() for g in full_g])
+    return gs, ps, pgd, mx
+
+
+def check_reductions(chk, counter, loc, full_p, full_g, scale, want_collectives, tag):
+    """The four reduction phases on the live local pieces vs the full-tensor oracle.  Backups are
+    ``scale * P`` (elementwise, so the local backup is the piece of the full backup)."""
+    from fused_adv import ops
+    live = loc.live
+    P, G = loc.params, loc.grads
+    B = [p * scale for p in P]
+    fp = [full_p[i] for i in live]
+    fg = [full_g[i] for i in live]
+    gs, ps, pgd, mx = full_stats(fp, fg, [p * scale for p in fp])
+    with counter.counting():
+        got = loc.reduce(ops.multi_tensor_sumsq(G))
+        chk.equal(f"{tag} sumsq collectives", counter.take(), want_collectives)
+        chk.close(f"{tag} sumsq", got, gs)
+
+        n = len(P)
+        both = ops.multi_tensor_sumsq(G + P).view(2, n)
+        got = loc.reduce(both, dim=1)
+        chk.equal(f"{tag} awp [2,L] collectives", counter.take(), want_collectives)
+        chk.close(f"{tag} awp grad sumsq", got[0], gs)
+        chk.close(f"{tag} awp param sumsq", got[1], ps)
+
+        got = loc.reduce(ops.pgd_reduce(P, G, B, False))
+        chk.equal(f"{tag} pgd collectives", counter.take(), want_collectives)
+        # <P-B, G> may cancel: its error is relative to ||P-B|| ||G|| (Cauchy-Schwarz), the others to themselves
+        dot_scale = (pgd[:, 0] * pgd[:, 2]).sqrt()
+        chk.close(f"{tag} pgd [N,3]", got, pgd, scale=torch.stack([pgd[:, 0], dot_scale, pgd[:, 2]], 1))
+
+        got = loc.reduce(torch.stack([g.abs().max() for g in G]), op="max")
+        chk.equal(f"{tag} max collectives", counter.take(), want_collectives)
+        chk.close(f"{tag} max", got, mx)
+
+
+def init(rank, world, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+def scenario_fsdp2(rank, world):
+    """FSDP2 fully_shard on a 1-D mesh: Shard(0), uneven pieces, an empty piece, grads without
+    grads; reductions, one collective per phase, FGM written into the local shards, restore."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from fused_adv import ops
+    from fused_adv.sharding import ShardingLayout
+    chk, counter = Checks(), CallCounter()
+    torch.manual_seed(0)
+    model = Tiny()
+    fully_shard(model)
+    torch.manual_seed(100 + rank)  # each rank its own batch: FSDP2 averages the grads
+    model(torch.randint(0, 5, (3, 4))).backward()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = [p.grad for p in params]
+    chk.true("params are DTensors", all(isinstance(p, DTensor) for p in params))
+    chk.true("unused has no grad", model.unused.grad is None)
+    full_p = [p.full_tensor().clone() for p in params]
+    full_g = [(g.full_tensor() if g is not None else None) for g in grads]
+    layout = ShardingLayout(model)
+    loc = layout.localize(params, grads, names=[n for n, _ in named])
+    chk.equal("slots", len(loc.locals), len(params))
+    single = [n for n, _ in named].index("single")
+    chk.equal("single's piece numel", loc.locals[single].numel(), 6 if rank == 0 else 0)
+    chk.true("single live only on rank 0", (single in loc.live) == (rank == 0))
+    chk.true("sharded", loc.sharded)
+    # The local pieces share the DTensor's storage.
+    for i, p in enumerate(params):
+        chk.true(f"{named[i][0]} local shares storage", loc.locals[i].numel() == 0 or
+                 loc.locals[i].data_ptr() == p._local_tensor.data_ptr())
+    check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "fsdp2")
+    # A plan is reused: a second localize builds no new index tensors but the same reductions.
+    loc2 = layout.localize(params, grads)
+    chk.true("plan cached", loc2.plan is loc.plan)
+
+    # FGM on the local pieces; the full weights must be P + eps*G/||G|| of the full tensors.
+    eps = 0.5
+    backups = [torch.empty_like(t) for t in loc.params]
+    with counter.counting():
+        sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads))
+        ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, eps, True)
+        chk.equal("fgm collectives", counter.take(), 1)
+    after = [p.full_tensor() for p in params]
+    for i, (n, _) in enumerate(named):
+        if full_g[i] is None:
+            chk.close(f"fgm {n} untouched", after[i], full_p[i], rtol=0)
+            continue
+        step = eps * full_g[i].double() / full_g[i].double().norm()
+        # fp32 rounding of P + step: relative to the terms, not to a result that may cancel
+        chk.close(f"fgm {n}", after[i], full_p[i].double() + step, scale=full_p[i].double().abs() + step.abs())
+    ops.restore_(loc.params, backups)
+    for i, (n, _) in enumerate(named):
+        chk.true(f"restore {n} bit-exact", torch.equal(params[i].full_tensor(), full_p[i]))
+    chk.raise_if_any()
+
+
+def scenario_hsdp_tp(rank, world):
+    """A 2-D (1, 2) mesh: HSDP placements (Replicate, Shard(0)), TP Shard(1) / Replicate
+    parameters, and one sharded over both dims: one collective per mesh-dim group that shards
+    something; replicated tensors are not summed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from fused_adv.sharding import localize
+    chk, counter = Checks(), CallCounter()
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("rep", "shard"))
+    mesh1 = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)  # same full tensors on every rank
+    shapes = [(5, 3), (3, 5), (4, 7), (2, 2), (1, 4)]
+    full_p = [torch.randn(s) for s in shapes]
+    full_g = [torch.randn(s) for s in shapes]
+    layouts = [(mesh, [Replicate(), Shard(0)]),   # HSDP
+               (mesh1, [Shard(1)]),               # TP column pieces, 3x5 -> 3 + 2 columns
+               (mesh1, [Replicate()]),            # TP replicated (norm weights)
+               (mesh, [Shard(1), Shard(0)]),      # sharded on both dims
+               (mesh1, [Shard(0)])]               # held entirely by rank 0
+    params, grads = [], []
+    for p, g, (m, pl) in zip(full_p, full_g, layouts):
+        params.append(nn.Parameter(distribute_tensor(p, m, pl)))
+        grads.append(distribute_tensor(g, m, pl))
+    loc = localize(params, grads)
+    # groups: mesh dim 1 (shard) and mesh1 dim 0 may be different process-group objects; count them
+    groups = set()
+    for p in params:
+        for d, pl in enumerate(p.placements):
+            if not pl.is_replicate():
+                groups.add(id(p.device_mesh.get_group(d)))
+    check_reductions(chk, counter, loc, full_p, full_g, 0.5, len(groups), "hsdp/tp")
+    chk.true("replicated slot stays un-reduced", 2 in loc.live)
+    # Only tensors in a group take part in its all_reduce: a group that does not shard all of
+    # them reduces a buffer with just its rows.
+    chk.raise_if_any()
+
+
+def scenario_partial(rank, world):
+    """Partial placements are refused with a message that says what to do."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from fused_adv.sharding import ShardingError, localize
+    chk = Checks()
+    mesh = init_device_mesh("cpu", (world,))
+    p = nn.Parameter(DTensor.from_local(torch.ones(2, 3), mesh, [Shard(0)], run_check=False))
+    g_partial = DTensor.from_local(torch.ones(2, 3), mesh, [Partial()], run_check=False)
+    for what, params, grads in [("grad", [p], [g_partial]),
+                                ("param", [nn.Parameter(DTensor.from_local(torch.ones(2), mesh, [Partial()],
+                                                                           run_check=False))], [None])]:
+        try:
+            localize(params, grads, names=["w"])
+            chk.errors.append(f"Partial {what}: no error")
+        except ShardingError as e:
+            msg = str(e)
+            chk.true(f"Partial {what} message names the placement and the fix: {msg}",
+                     "Partial" in msg and "redistribute" in msg and "w" in msg)
+    g_rep = DTensor.from_local(torch.ones(4, 3), mesh, [Replicate()], run_check=False)
+    try:
+        localize([p], [g_rep])
+        chk.errors.append("mismatched grad placements: no error")
+    except ShardingError as e:
+        chk.true(f"mismatch message: {e}", "placements" in str(e))
+    chk.raise_if_any()
+
+
+def scenario_fsdp1(rank, world):
+    """FSDP1 use_orig_params=True: 1-D views into the flat shard (a entirely on rank 0, c on
+    rank 1, b split, a second unit), one collective per phase over the FSDP group, FGM written
+    into the shards shows in the gathered weights; use_orig_params=False is refused."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from fused_adv import ops
+    from fused_adv.sharding import ShardingError, ShardingLayout, check_model
+    chk, counter = Checks(), CallCounter()
+    torch.manual_seed(0)
+    model = Fsdp1Tiny()
+    cpu = torch.device("cpu")  # FSDP1 needs device_id to run on CPU
+    model.inner = FSDP(model.inner, use_orig_params=True, device_id=cpu)
+    model = FSDP(model, use_orig_params=True, device_id=cpu)
+    torch.manual_seed(100 + rank)
+    model(torch.randn(4, 5)).backward()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = [p.grad for p in params]
+    with FSDP.summon_full_params(model, with_grads=True):
+        full_p = [p.detach().clone() for p in params]
+        full_g = [p.grad.detach().clone() for p in params]
+    names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in named]
+    want_numel = {"a": (5, 0), "b": (2, 4), "c": (0, 3)}
+    layout = ShardingLayout(model)
+    loc = layout.localize(params, grads, names=names)
+    for n, (n0, n1) in want_numel.items():
+        i = names.index(n)
+        chk.equal(f"{n} piece numel on rank {rank}", loc.locals[i].numel(), (n0, n1)[rank])
+        chk.equal(f"{n} grad present", grads[i] is not None, (n0, n1)[rank] > 0)
+    chk.true("sharded", loc.sharded)
+    # The oracle for a live piece is the full tensor's statistic.
+    check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "fsdp1")
+    eps = 0.5
+    backups = [torch.empty_like(t) for t in loc.params]
+    with counter.counting():
+        sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads))
+        ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, eps, True)
+        chk.equal("fsdp1 fgm collectives", counter.take(), 1)
+    with FSDP.summon_full_params(model):
+        after = [p.detach().clone() for p in params]
+    for i, n in enumerate(names):
+        step = eps * full_g[i].double() / full_g[i].double().norm()
+        chk.close(f"fsdp1 fgm {n}", after[i], full_p[i].double() + step, scale=full_p[i].double().abs() + step.abs())
+    ops.restore_(loc.params, backups)
+    with FSDP.summon_full_params(model):
+        for i, n in enumerate(names):
+            chk.true(f"fsdp1 restore {n} bit-exact", torch.equal(params[i].detach(), full_p[i]))
+    # The next forward all-gathers the perturbed shards: forward under the perturbation equals
+    # an unsharded forward at the perturbed weights.
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(7))
+    ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, eps, True)
+    with torch.no_grad():
+        sharded_loss = model(x)
+    ref = Fsdp1Tiny()
+    with torch.no_grad():
+        by_name = dict(zip(names, after))
+        for n, q in ref.named_parameters():
+            q.copy_(by_name[n])
+        chk.close("fsdp1 forward at perturbed weights", sharded_loss, ref(x), rtol=1e-6)
+    ops.restore_(loc.params, backups)
+
+    plain = FSDP(Fsdp1Tiny(), use_orig_params=False, device_id=cpu)
+    try:
+        check_model(plain)
+        chk.errors.append("use_orig_params=False: no error")
+    except ShardingError as e:
+        chk.true(f"use_orig_params=False message: {e}", "use_orig_params=True" in str(e))
+    try:
+        ShardingLayout(plain)
+        chk.errors.append("ShardingLayout(use_orig_params=False): no error")
+    except ShardingError:
+        pass
+    chk.raise_if_any()
+
+
+SCENARIOS = {"fsdp2": scenario_fsdp2, "hsdp_tp": scenario_hsdp_tp, "partial": scenario_partial,
+             "fsdp1": scenario_fsdp1}
+
+
+def main(rank, world, port, out, names):
+    torch.set_num_threads(1)
+    init(rank, world, port)
+    results = {}
+    try:
+        for name in names:
+            try:
+                SCENARIOS[name](rank, world)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python tests/sharding_worker.py <out> <port> [scenario ...]
+    import torch.multiprocessing as mp
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out_dir, port_arg = sys.argv[1], int(sys.argv[2])
+    mp.spawn(main, args=(2, port_arg, out_dir, sys.argv[3:] or list(SCENARIOS)), nprocs=2)
