@@ -34,8 +34,9 @@ def reference_loop(method, steps=3, ga=1, perturb_from="micro_batch", divide_by_
                    autocast=None, start_step=0, model=None, params=None, emb_name="word_embeddings",
                    K=PGD_K, data=None, bs=BS, **kw):
     """``steps`` optimizer steps of ``ga`` micro-batches each, the community usage of each method
-    (SPEC.md §1-4) per micro-batch, SGD.  perturb_from="micro_batch": every micro-batch runs on
-    zeroed grads and its resulting grads are summed afterwards (an order-free formulation of
+    (docs/methods.md §1 (FGM) to §4 (AWP (Kaggle))) per micro-batch, SGD.
+    perturb_from="micro_batch": every micro-batch runs on zeroed grads and its resulting grads are
+    summed afterwards (an order-free formulation of
     "perturb from this micro-batch's gradient"); "accumulated": the community loop pasted into a
     GA loop (grads accumulate in .grad across micro-batches), except that AWP discards only this
     micro-batch's clean grad."""
@@ -174,9 +175,10 @@ def test_grad_scaler_both_passes_scaled_no_unscale(tmp_path, method):
 @pytest.mark.parametrize("method", ["fgm", "awp"])
 def test_grad_scaler_nonfinite_grad_does_not_poison_weights(tmp_path, method):
     """An fp16-style overflow in the clean gradient (inf in the embedding row of a token of the
-    batch): the perturbation becomes non-finite (an inf norm is not skipped, SPEC §1/§4), so the
-    adversarial loss and gradients do; the weights are restored bit for bit, the scaler finds the
-    inf/NaN, skips the step and backs off: the weights are never poisoned."""
+    batch): the perturbation becomes non-finite (an inf norm is not skipped, docs/methods.md
+    §1 (FGM), §4 (AWP (Kaggle))), so the adversarial loss and gradients do; the weights are
+    restored bit for bit, the scaler finds the inf/NaN, skips the step and backs off: the weights
+    are never poisoned."""
     model = tiny_bert_cls(seed=0, vocab=VOCAB)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     emb = model.get_input_embeddings().weight

@@ -3,7 +3,8 @@ hand-written loops with fused_adv.reference, through the same Trainer harness as
 tests/test_hf_trainer.py (tiny BERT, dropout 0, plain SGD, data in order).  The random inits are
 replayed by reseeding at every optimizer step (hf_harness.SeedEachStep; the hand loops do the same).
 
-What the hand loops pin down, per micro-batch (SPEC.md §5-7, §10):
+What the hand loops pin down, per micro-batch (docs/methods.md §5 (SiFT), §6 (FreeLB), §7 (SMART),
+§10 (Cross-cutting rules)):
 - freelb: ``reference.FreeLB.attack`` (K passes with loss / K, no clean pass);
 - smart:  ``task_loss / ga_div + adv_alpha * SymKL / ga`` with the reference SMART term;
 - sift:   ``task_loss / ga_div + vat_lambda * symmetric_kl / ga`` with DeBERTa's hooks and learner;

@@ -1,0 +1,16 @@
+"""The registry of the HF integration's methods: ``adversarial=<name>`` -> its ``Strategy`` class.
+Adding a method is one file in this folder and one entry below (docs/hf.md, "Adding a method")."""
+from __future__ import annotations
+
+from .awp import AWPStrategy
+from .base import Strategy
+from .freelb import FreeLBStrategy
+from .sift import SiFTStrategy
+from .smart import SMARTStrategy
+from .weight import FGMStrategy, FGSMStrategy, PGDStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
+    FGMStrategy, FGSMStrategy, PGDStrategy, AWPStrategy, FreeLBStrategy, SMARTStrategy, SiFTStrategy,
+)}
+
+__all__ = ["STRATEGIES", "Strategy"]
