@@ -51,6 +51,8 @@ class PerturbationLayer(torch.nn.Module):
     """
 
     def __init__(self, hidden_size, learning_rate=1e-4, init_perturbation=1e-2, backend=None):
+        """Stores the arguments; starts in normal mode without delta (the fused LayerNorm has no
+        parameters).  Raises nothing; a wrong hidden size is reported by :meth:`forward`."""
         super().__init__()
         self.hidden_size = hidden_size
         self.learning_rate = learning_rate

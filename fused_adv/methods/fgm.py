@@ -76,7 +76,9 @@ class FGM(Perturbation):
 
 
 class FGSM(FGM):
-    """Sign variant: P <- P + epsilon*sign(G) (no norm, no skip rule).  Same API as :class:`FGM`."""
+    """``FGSM(model, emb_name='word_embeddings', epsilon=1.0, *, backend='auto', restore_mode='copy')``:
+    the sign variant, P <- P + epsilon*sign(G) (no norm, no skip rule).  Same API, errors and
+    restore as :class:`FGM`."""
 
     def _perturb(self, params, grads, backups, epsilon: float) -> None:
         ops.fgsm_perturb_(params, grads, backups, epsilon, True, backend=self.backend)

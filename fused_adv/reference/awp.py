@@ -35,6 +35,7 @@ class AWP:
 
     def __init__(self, model, optimizer, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2,
                  start_epoch: int = 0, adv_step: int = 1, scaler=None, autocast: bool | None = None):
+        """Stores the arguments (see the class docstring); allocates nothing.  Raises nothing."""
         self.model = model
         self.optimizer = optimizer
         self.adv_param = adv_param

@@ -24,6 +24,7 @@ class FGM:
     """
 
     def __init__(self, model, emb_name: str = "word_embeddings", epsilon: float = 1.0):
+        """Stores the arguments (see the class docstring); allocates nothing.  Raises nothing."""
         self.model = model
         self.emb_name = emb_name
         self.epsilon = epsilon
@@ -68,7 +69,8 @@ class FGM:
 
 
 class FGSM(FGM):
-    """Sign variant: P <- P + epsilon * sign(G); no norm, no skip rule."""
+    """``FGSM(model, emb_name='word_embeddings', epsilon=1.0)``: the sign variant,
+    P <- P + epsilon * sign(G); no norm, no skip rule.  Same API and state as :class:`FGM`."""
 
     def _step(self, param: torch.Tensor, epsilon: float) -> None:
         param.data.add_(epsilon * torch.sign(param.grad))

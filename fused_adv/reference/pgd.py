@@ -23,6 +23,7 @@ class PGD:
     """
 
     def __init__(self, model, epsilon: float = 1.0, alpha: float = 0.3, emb_name: str = "word_embeddings"):
+        """Stores the arguments (see the class docstring); allocates nothing.  Raises nothing."""
         self.model = model
         self.epsilon = epsilon
         self.alpha = alpha

@@ -39,6 +39,8 @@ class PerturbationLayer(torch.nn.Module):
     """
 
     def __init__(self, hidden_size, learning_rate=1e-4, init_perturbation=1e-2):
+        """Builds the non-affine LayerNorm(hidden_size, eps=1e-7); starts in normal mode without
+        delta.  Raises nothing."""
         super().__init__()
         self.learning_rate = learning_rate
         self.init_perturbation = init_perturbation
@@ -139,6 +141,8 @@ class AdversarialLearner:
     """
 
     def __init__(self, model, adv_modules=None):
+        """Records the model, its parameters (in ``model.parameters()`` order) and the layers.
+        Raises nothing."""
         if adv_modules is None:
             self.adv_modules = [m for m in model.modules() if isinstance(m, PerturbationLayer)]
         else:

@@ -55,6 +55,7 @@ class SMART:
 
     def __init__(self, adv_alpha=1.0, noise_var=1e-5, step_size=1e-3, epsilon=1e-6, adv_K=1,
                  embedding_module=None):
+        """Stores the arguments (see the class docstring); allocates nothing.  Raises nothing."""
         self.adv_alpha = adv_alpha
         self.noise_var = noise_var
         self.step_size = step_size
