@@ -1,5 +1,7 @@
-"""The reference classes pinned to SPEC.md on hand-computed float64 cases, plus the exact
-gradient bookkeeping of each method's training loop."""
+"""The reference classes pinned to docs/methods.md §1 (FGM), §2 (FGSM), §3 (PGD) and §4 (AWP
+(Kaggle)) on hand-computed float64 cases, plus the exact gradient bookkeeping of each method's
+training loop.  The helpers the reference and fused classes share are pinned in
+tests/test_shared_helpers.py."""
 import math
 
 import pytest
