@@ -153,6 +153,25 @@ class ShardingLayout:
                 if id(p) not in self._fsdp1 and prim is not None and id(prim) in self._fsdp1:
                     self._fsdp1[id(p)] = self._fsdp1[id(prim)]
 
+    def _fsdp2_unsharded_ids(self) -> set[int]:
+        """ids of the plain parameters FSDP2 registers while a module is unsharded (they replace
+        the DTensor parameters between the all-gather and the reshard).  Plain parameters FSDP2
+        does not manage (ignored_params, modules outside any fully_shard) are not among them."""
+        model = None if self._model is None else self._model()
+        ids = set()
+        if model is None:
+            return ids
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+            for fp in getattr(group, "fsdp_params", ()):
+                unsharded = getattr(fp, "_unsharded_param", None)
+                if unsharded is not None:
+                    ids.add(id(unsharded))
+        return ids
+
     def _fsdp1_info(self, p: Tensor) -> _Fsdp1Info | None:
         info = self._fsdp1.get(id(p))
         if info is None and getattr(p, "_fsdp_flattened", False):
@@ -187,7 +206,7 @@ class ShardingLayout:
                                 f"{tuple(lp.shape)}, this rank's shard holds {info.numel_in_shard} elements of it): "
                                 "attack after the clean backward (FSDP reshards then), not inside forward or "
                                 "summon_full_params")
-                elif self._fsdp2:
+                elif self._fsdp2 and id(p) in self._fsdp2_unsharded_ids():
                     raise ShardingError(
                         f"fused_adv: {label(i)} is a plain tensor in a model that FSDP2 (fully_shard) wraps: its "
                         "parameters are unsharded right now (between forward and backward, or "

@@ -113,6 +113,12 @@ class Checks:
             raise AssertionError("\n".join(self.errors))
 
 
+def full(t):
+    """The whole tensor: gathered for a DTensor (a collective), detached otherwise."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
 def full_stats(full_p, full_g, backups):
     """float64 oracles over full tensors: sumsq(G), sumsq(P), pgd [N,3] with B, max|G|."""
     gs = torch.stack([g.double().pow(2).sum() for g in full_g])
@@ -171,20 +177,22 @@ def scenario_fsdp2(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from fused_adv import ops
-    from fused_adv.sharding import ShardingLayout
+    from fused_adv.sharding import ShardingError, ShardingLayout
     chk, counter = Checks(), CallCounter()
     torch.manual_seed(0)
     model = Tiny()
-    fully_shard(model)
+    # ``unused`` stays a plain parameter (FSDP2 ignores it): localize must not mistake it for a
+    # parameter caught unsharded.
+    fully_shard(model, ignored_params={model.unused})
     torch.manual_seed(100 + rank)  # each rank its own batch: FSDP2 averages the grads
     model(torch.randint(0, 5, (3, 4))).backward()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     grads = [p.grad for p in params]
-    chk.true("params are DTensors", all(isinstance(p, DTensor) for p in params))
+    chk.true("params are DTensors", all(isinstance(p, DTensor) for n, p in named if n != "unused"))
     chk.true("unused has no grad", model.unused.grad is None)
-    full_p = [p.full_tensor().clone() for p in params]
-    full_g = [(g.full_tensor() if g is not None else None) for g in grads]
+    full_p = [full(p).clone() for p in params]
+    full_g = [(full(g) if g is not None else None) for g in grads]
     layout = ShardingLayout(model)
     loc = layout.localize(params, grads, names=[n for n, _ in named])
     chk.equal("slots", len(loc.locals), len(params))
@@ -194,8 +202,9 @@ def scenario_fsdp2(rank, world):
     chk.true("sharded", loc.sharded)
     # The local pieces share the DTensor's storage.
     for i, p in enumerate(params):
+        own = p._local_tensor if isinstance(p, DTensor) else p
         chk.true(f"{named[i][0]} local shares storage", loc.locals[i].numel() == 0 or
-                 loc.locals[i].data_ptr() == p._local_tensor.data_ptr())
+                 loc.locals[i].data_ptr() == own.data_ptr())
     check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "fsdp2")
     # A plan is reused: a second localize builds no new index tensors but the same reductions.
     loc2 = layout.localize(params, grads)
@@ -208,7 +217,7 @@ def scenario_fsdp2(rank, world):
         sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads))
         ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, eps, True)
         chk.equal("fgm collectives", counter.take(), 1)
-    after = [p.full_tensor() for p in params]
+    after = [full(p) for p in params]
     for i, (n, _) in enumerate(named):
         if full_g[i] is None:
             chk.close(f"fgm {n} untouched", after[i], full_p[i], rtol=0)
@@ -218,7 +227,16 @@ def scenario_fsdp2(rank, world):
         chk.close(f"fgm {n}", after[i], full_p[i].double() + step, scale=full_p[i].double().abs() + step.abs())
     ops.restore_(loc.params, backups)
     for i, (n, _) in enumerate(named):
-        chk.true(f"restore {n} bit-exact", torch.equal(params[i].full_tensor(), full_p[i]))
+        chk.true(f"restore {n} bit-exact", torch.equal(full(params[i]), full_p[i]))
+    # Unsharded (after unshard(), or between forward and backward with reshard_after_forward=False)
+    # the registered parameters are plain gathered tensors whose writes would be lost: refused.
+    model.unshard()
+    try:
+        layout.localize([p for _, p in model.named_parameters()], [None] * len(named))
+        chk.errors.append("unsharded FSDP2 parameters: no error")
+    except ShardingError as e:
+        chk.true(f"unsharded message: {e}", "reshard" in str(e))
+    model.reshard()
     chk.raise_if_any()
 
 
@@ -254,8 +272,7 @@ def scenario_hsdp_tp(rank, world):
                 groups.add(id(p.device_mesh.get_group(d)))
     check_reductions(chk, counter, loc, full_p, full_g, 0.5, len(groups), "hsdp/tp")
     chk.true("replicated slot stays un-reduced", 2 in loc.live)
-    # Only tensors in a group take part in its all_reduce: a group that does not shard all of
-    # them reduces a buffer with just its rows.
+    chk.true(f"several process groups ({len(groups)}), none sharding every tensor", len(groups) >= 2)
     chk.raise_if_any()
 
 
