@@ -3,15 +3,10 @@
 The suite is skipped in the normal test run (``--benchmark-skip`` in pyproject's addopts); run it
 with ``pytest benchmarks --benchmark-only`` (timed) or ``pytest benchmarks --benchmark-disable``
 (each body once, untimed: what CI does to keep it from rotting).  ``FUSED_ADV_BENCH_SETS``
-chooses the parameter sets, e.g. ``bert-large:bf16,emb-128k-4096:bf16``.
+chooses the parameter sets, e.g. ``bert-large:bf16,emb-128k-4096:bf16``.  The benchmark code
+itself (parameter sets, providers, measurements) lives in fused_adv/_bench.
 """
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # benchmarks/shapes.py, benchmarks/providers.py
-
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,13 +1,20 @@
 """`fused-adv bench --smoke` end to end, the parameter-set registry against the real model
-classes, and the CPU memory tracker the benchmarks rely on."""
+classes, the CPU memory tracker the benchmarks rely on, the `foreach` provider against the
+reference classes, and the benchmarks/ scripts' entry points."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fused_adv._bench import measure
-from fused_adv._bench.shapes import SHAPE_SETS, ParamModel
+from fused_adv import reference
+from fused_adv._bench import foreach, measure
+from fused_adv._bench.shapes import SHAPE_SETS, NoOpOptimizer, ParamModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +23,7 @@ def bench_out(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     rc = cli.main(["bench", "--smoke", "--device", "cpu", "--out", str(out), "--quiet",
-                   "--providers", "reference,torch,cpp"])
+                   "--providers", "reference,foreach,torch,cpp"])
     assert rc == 0
     return out
 
@@ -37,7 +44,7 @@ def test_bench_rows_are_consistent(bench_out):
     keys = {(r["case"], r["method"], r["provider"]) for r in rows}
     for case in ("toy/fp32", "toy/bf16"):
         for m in ("FGM", "FGSM", "PGD-3", "AWP"):
-            assert (case, m, "reference") in keys and (case, m, "torch") in keys
+            assert (case, m, "reference") in keys and (case, m, "torch") in keys and (case, m, "foreach") in keys
     for r in rows:
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
         assert r["host_syncs"] is None  # CPU: no host/device boundary
@@ -112,3 +119,104 @@ def test_storage_tracker_counts_peak_and_frees():
         del b
     assert t.extra_peak == 8000
     assert t.current - t.baseline == 0
+
+
+# ---- the foreach provider: the community math in torch._foreach_* ops ---------------------------
+
+def _models(dtype, special=False):
+    """Two identical stand-in models (toy set); ``special``: three embedding-like tensors get a
+    zero, a NaN-containing and an inf-containing gradient (skipped, skipped, not skipped)."""
+    models = [ParamModel(SHAPE_SETS["toy"], dtype, seed=3) for _ in range(2)]
+    if special:
+        for m in models:
+            ps = [p for n, p in m.named_parameters() if "weight" in n]
+            ps[0].grad.zero_()
+            ps[1].grad.view(-1)[5] = float("nan")
+            ps[2].grad.view(-1)[7] = float("inf")
+    return models
+
+
+def _same(m1, m2, what):
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p.isnan(), q.isnan()), f"{what}: {n} NaN positions"
+        assert torch.equal(p.nan_to_num(), q.nan_to_num()), f"{what}: {n}"
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["grads", "zero_nan_inf_grads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_foreach_provider_matches_reference_classes(dtype, special):
+    """Every step of the foreach rewrite gives the reference classes' values, bit for bit (same
+    element-wise operations in the same dtype), guards included; restore gives back the start."""
+    for ref_cls, fe_cls, kw in ((reference.FGM, foreach.FGM, dict(emb_name="weight", epsilon=0.5)),
+                                (reference.FGSM, foreach.FGSM, dict(emb_name="weight", epsilon=0.01))):
+        m1, m2 = _models(dtype, special)
+        start = [p.detach().clone() for p in m2.parameters()]
+        a, b = ref_cls(m1, **kw), fe_cls(m2, **kw)
+        a.attack()
+        b.attack()
+        _same(m1, m2, ref_cls.__name__)
+        assert sum(not torch.equal(p, s) for p, s in zip(m2.parameters(), start)) >= 3  # they moved
+        a.restore()
+        b.restore()
+        assert all(torch.equal(p, s) for p, s in zip(m2.parameters(), start))
+    m1, m2 = _models(dtype, special)
+    start = [p.detach().clone() for p in m2.parameters()]
+    a = reference.PGD(m1, epsilon=0.05, alpha=0.03, emb_name="weight")
+    b = foreach.PGD(m2, epsilon=0.05, alpha=0.03, emb_name="weight")
+    a.backup_grad()
+    b.backup_grad()
+    for t in range(3):  # the ball is reached: steps 2 and 3 project
+        a.attack(is_first_attack=t == 0)
+        b.attack(is_first_attack=t == 0)
+        _same(m1, m2, f"PGD step {t}")
+    a.restore_grad()
+    b.restore_grad()
+    a.restore()
+    b.restore()
+    assert all(torch.equal(p, s) for p, s in zip(m2.parameters(), start))
+    for adv_eps in (0.2, 1e-3):  # loose / tight box
+        m1, m2 = _models(dtype, special)
+        start = [p.detach().clone() for p in m2.parameters()]
+        a = reference.AWP(m1, NoOpOptimizer(), adv_lr=0.5, adv_eps=adv_eps)
+        b = foreach.AWP(m2, NoOpOptimizer(), adv_lr=0.5, adv_eps=adv_eps)
+        a._save()
+        a._attack_step()
+        b.save()
+        b.attack_step()
+        _same(m1, m2, f"AWP adv_eps={adv_eps}")
+        a._restore()
+        b.restore()
+        x = torch.zeros(1, 1, dtype=torch.long)
+        assert b.attack_backward(x, None, None, 0) is not None  # the benchmark's call: save, step, restore
+        assert all(torch.equal(p, s) for p, s in zip(m2.parameters(), start))
+
+
+def test_foreach_provider_is_listed():
+    from fused_adv._bench.providers import PROVIDERS
+    assert PROVIDERS["foreach"].why_not(torch.device("cpu"), "awp") is None
+    assert PROVIDERS["foreach"].classes()["pgd3"] is foreach.PGD
+
+
+# ---- the benchmarks/ scripts import their code from fused_adv._bench ----------------------------
+
+def test_bookkeeping_cpu_script_runs():
+    """`python benchmarks/bookkeeping_cpu.py` (one untimed-quality rep: it must run, not measure)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bookkeeping_cpu.py"), "--reps", "1",
+                          "--warmup", "0", "--threads", "1", "--providers", "community,foreach,torch"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    for method in ("FGM", "PGD-3", "AWP"):
+        row = next(line for line in lines if line.startswith(method))
+        assert row.count("x)") == 3, row  # community, foreach, torch: a time and a speed-up each
+
+
+def test_benchmark_scripts_are_thin():
+    """benchmarks/ holds entry files only: every script's code lives in fused_adv/_bench."""
+    bench_dir = os.path.join(ROOT, "benchmarks")
+    scripts = [f for f in os.listdir(bench_dir) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
+    assert scripts
+    for f in scripts:
+        text = open(os.path.join(bench_dir, f)).read()
+        assert "from fused_adv._bench" in text and "def " not in text, f

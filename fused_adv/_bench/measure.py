@@ -5,8 +5,8 @@
   ``time.perf_counter`` on CPU.  The median is reported.
 * Copy bandwidth: ``dst.copy_(src)`` of as many bytes as the step's perturbed tensors, timed the
   same way in the same run: read + write = 2 x bytes.  It is the ceiling the fused passes are
-  judged against (DESIGN.md §7: >= 85% on tensors >= 64 MB).
-* Minimum bytes (DESIGN.md §3), in tensor-sized passes over the perturbed tensors, one step:
+  judged against (docs/design.md §7 (Targets): >= 85% on tensors >= 64 MB).
+* Minimum bytes (docs/design.md §3 (Op contract)), in tensor-sized passes over the perturbed tensors, one step:
     FGM   reduction (read G) + update (read P, G; write B, P) + restore (read B; write P) = 7
     FGSM  update (read P, G; write B, P) + restore = 6
     PGD-3 step 0: 1 + 4; steps 1, 2: reduction (read P, B, G) + update (read P, G, B; write P)

@@ -1,9 +1,11 @@
 """Who runs the bookkeeping, and what one timed "step" is for each method.
 
-Providers (``PROVIDERS``), side by side in one run (DESIGN.md §6):
+Providers (``PROVIDERS``), side by side in one run (docs/design.md §6 (Benchmarks)):
   reference  the community classes (fused_adv.reference), as practitioners paste them
   compile    torch.compile of the reference step (GPU only: on CPU it is not what anyone runs,
              and compiling every case costs minutes on 2 cores)
+  foreach    the same math rewritten in torch._foreach_* ops, host-sync free
+             (fused_adv._bench.foreach): the peer a PyTorch expert would write
   torch      fused_adv classes, backend='torch' (pure PyTorch foreach)
   cpp        fused_adv classes, backend='cpp' (the compiled CPU kernels)
   triton     fused_adv classes, backend='triton' (GPU only: the CPU interpreter is a test tool,
@@ -34,14 +36,14 @@ PGD_K = 3
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str  # "reference" | "compile" | "fused"
+    kind: str  # "reference" | "compile" | "foreach" | "fused"
     backend: str | None = None
     description: str = ""
 
     def why_not(self, device: torch.device, method: str = "fgm") -> str | None:
         """None if this provider can run on ``device``, else the reason."""
         device = torch.device(device)
-        if self.kind == "reference":
+        if self.kind in ("reference", "foreach"):
             return None
         if self.kind == "compile":
             if device.type != "cuda":
@@ -61,6 +63,9 @@ class Provider:
         if self.kind in ("reference", "compile"):
             from fused_adv import reference as m
             return {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}
+        if self.kind == "foreach":
+            from fused_adv._bench import foreach as m
+            return {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}
         import fused_adv as m
         return {k: functools.partial(c, backend=self.backend)
                 for k, c in {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}.items()}
@@ -69,6 +74,7 @@ class Provider:
 PROVIDERS: dict[str, Provider] = {p.name: p for p in [
     Provider("reference", "reference", None, "community classes (fused_adv.reference)"),
     Provider("compile", "compile", None, "torch.compile(community step)"),
+    Provider("foreach", "foreach", None, "the community math in torch._foreach_* ops, host-sync free"),
     Provider("torch", "fused", "torch", "fused_adv, pure-PyTorch backend"),
     Provider("cpp", "fused", "cpp", "fused_adv, compiled CPU kernels"),
     Provider("triton", "fused", "triton", "fused_adv, Triton kernels"),
@@ -77,6 +83,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in [
 
 
 def available(device: torch.device, method: str = "fgm", names=None) -> list[Provider]:
+    """The providers among ``names`` (default: all) that can run ``method`` on ``device``."""
     names = list(PROVIDERS) if names is None else names
     return [PROVIDERS[n] for n in names if PROVIDERS[n].why_not(device, method) is None]
 

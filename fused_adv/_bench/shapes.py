@@ -9,12 +9,12 @@ not biases).
 
 Sets (``SHAPE_SETS``):
   bert-base         BERT-base-uncased, 109.5M params (embedding 30522x768)
-  bert-large        BERT-large, 335.1M params (the 335M set of the AWP target, DESIGN.md §7)
+  bert-large        BERT-large, 335.1M params (the 335M set of the AWP target, docs/design.md §7 (Targets))
   deberta-v3-large  DeBERTa-v3-large, 434.0M params (embedding 128100x1024, relative positions)
   emb-128k-1024     one 128000x1024 embedding (131M elements: 262 MB in bf16, 524 MB in fp32)
   emb-128k-4096     one 128000x4096 embedding (524M elements: 1 GB in bf16)
   minilm-l6         all-MiniLM-L6-v2, the demo's model, 22.7M params
-  bert-mini         the "tiny BERT" of DESIGN.md §1 (4 layers, hidden 256), 11.2M params
+  bert-mini         the "tiny BERT" of docs/design.md §1 (Users) (4 layers, hidden 256), 11.2M params
   toy               2 layers, hidden 32: for smoke runs (CI runs the suite once, untimed)
 """
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""The ``foreach`` benchmark provider: FGM / FGSM / PGD / AWP bookkeeping rewritten by hand in
+``torch._foreach_*`` ops, the peer a PyTorch expert would write instead of using fused_adv.
+
+Same math and the same numbers as the community classes (fused_adv.reference; pinned by
+tests/test_bench_cli.py), but no per-tensor host sync: the zero/NaN-norm guard
+(docs/methods.md §10 (Cross-cutting rules)) is a device-side ``torch.where`` instead of
+``if norm != 0``, the parameter lists are collected once, the backups are preallocated and
+restored by ``_foreach_copy_``.  The per-element arithmetic keeps the community order
+(``eps * G / ||G||`` in the parameter's dtype) so the results match bit for bit where the
+community class's own ops are deterministic.
+
+Not part of the public API: the classes take only the arguments the benchmark uses.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _params(model, name: str) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if p.requires_grad and name in n]
+
+
+def _guarded(params, new, norms):
+    """``new[i]`` where the i-th gradient norm is neither 0 nor NaN, else ``params[i]`` (the
+    community skip rule, evaluated on the device)."""
+    ok = [(n != 0) & ~n.isnan() for n in norms]
+    return [torch.where(k, a, p) for k, a, p in zip(ok, new, params)]
+
+
+class FGM:
+    """``attack()`` / ``restore()`` on the parameters whose name contains ``emb_name``:
+    P <- P + epsilon * G / ||G|| (docs/methods.md §1 (FGM))."""
+
+    def __init__(self, model, emb_name: str = "word_embeddings", epsilon: float = 1.0):
+        self.params = _params(model, emb_name)
+        self.epsilon = epsilon
+        self.backup = [torch.empty_like(p) for p in self.params]
+
+    def _step(self, P, G):
+        norms = torch._foreach_norm(G)
+        return _guarded(P, torch._foreach_add(P, torch._foreach_div(torch._foreach_mul(G, self.epsilon), norms)),
+                        norms)
+
+    def attack(self) -> None:
+        torch._foreach_copy_(self.backup, [p.detach() for p in self.params])
+        P = [p.detach() for p in self.params if p.grad is not None]
+        if P:
+            torch._foreach_copy_(P, self._step(P, [p.grad for p in self.params if p.grad is not None]))
+
+    def restore(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.backup)
+
+
+class FGSM(FGM):
+    """P <- P + epsilon * sign(G) (docs/methods.md §2 (FGSM)); no guard."""
+
+    def _step(self, P, G):
+        return torch._foreach_add(P, torch._foreach_mul(torch._foreach_sign(G), self.epsilon))
+
+
+class PGD:
+    """``backup_grad()``, ``attack(is_first_attack)``, ``restore_grad()``, ``restore()``
+    (docs/methods.md §3 (PGD)): P <- B + proj_eps(P + alpha * G / ||G|| - B).  The clean gradients
+    are set aside by reference (the next backward writes new .grad tensors after a
+    ``zero_grad(set_to_none=True)``), as the fused class does."""
+
+    def __init__(self, model, epsilon: float = 1.0, alpha: float = 0.3, emb_name: str = "word_embeddings"):
+        self.model, self.epsilon, self.alpha = model, epsilon, alpha
+        self.params = _params(model, emb_name)
+        self.backup = [torch.empty_like(p) for p in self.params]
+        self.grad_backup: list = []
+
+    def attack(self, is_first_attack: bool = False) -> None:
+        if is_first_attack:
+            torch._foreach_copy_(self.backup, [p.detach() for p in self.params])
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not idx:
+            return
+        P, G, B = [self.params[i].detach() for i in idx], [self.params[i].grad for i in idx], [self.backup[i] for i in idx]
+        gn = torch._foreach_norm(G)
+        R = torch._foreach_sub(torch._foreach_add(P, torch._foreach_div(torch._foreach_mul(G, self.alpha), gn)), B)
+        rn = torch._foreach_norm(R)
+        R = [torch.where(n > self.epsilon, r, q) for n, r, q in
+             zip(rn, torch._foreach_div(torch._foreach_mul(R, self.epsilon), rn), R)]
+        torch._foreach_copy_(P, _guarded(P, torch._foreach_add(B, R), gn))
+
+    def restore(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.backup)
+
+    def backup_grad(self) -> None:
+        self.grad_backup = [(p, p.grad) for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+
+    def restore_grad(self) -> None:
+        for p, g in self.grad_backup:
+            if p.grad is not None:
+                p.grad = g
+        self.grad_backup = []
+
+
+class AWP:
+    """``attack_step()`` / ``restore()`` (and ``attack_backward`` with a free forward/backward,
+    for the benchmark's stand-in model) on the parameters whose name contains ``adv_param`` and
+    that have a gradient (docs/methods.md §4 (AWP (Kaggle))):
+    P <- clamp(P + adv_lr * G / (||G|| + 1e-6) * (||P|| + 1e-6), B -+ adv_eps * |B|).
+    The box is recomputed from the backup at each step (the same values the community class
+    keeps as two extra copies)."""
+
+    def __init__(self, model, optimizer, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2,
+                 adv_step: int = 1):
+        self.model, self.optimizer = model, optimizer
+        self.adv_lr, self.adv_eps, self.adv_step = adv_lr, adv_eps, adv_step
+        self.params = _params(model, adv_param)
+        self.backup = [torch.empty_like(p) for p in self.params]
+        self.active: list[int] = []
+
+    def save(self) -> None:
+        self.active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        torch._foreach_copy_([self.backup[i] for i in self.active], [self.params[i].detach() for i in self.active])
+
+    def attack_step(self) -> None:
+        if not self.active:
+            return
+        P = [self.params[i].detach() for i in self.active]
+        G, B = [self.params[i].grad for i in self.active], [self.backup[i] for i in self.active]
+        gn, pn = torch._foreach_norm(G), torch._foreach_norm(P)
+        r = torch._foreach_mul(torch._foreach_div(torch._foreach_mul(G, self.adv_lr), torch._foreach_add(gn, 1e-6)),
+                               torch._foreach_add(pn, 1e-6))
+        e = torch._foreach_mul(torch._foreach_abs(B), self.adv_eps)
+        new = torch._foreach_minimum(torch._foreach_maximum(torch._foreach_add(P, r), torch._foreach_sub(B, e)),
+                                     torch._foreach_add(B, e))
+        torch._foreach_copy_(P, _guarded(P, new, gn))
+
+    def restore(self) -> None:
+        torch._foreach_copy_([self.params[i].detach() for i in self.active], [self.backup[i] for i in self.active])
+        self.active = []
+
+    def attack_backward(self, x=None, y=None, attention_mask=None, epoch: int = 0):
+        """Save; ``adv_step`` x (perturb, the Kaggle adversarial pass: loss of
+        ``model(input_ids=x, attention_mask=attention_mask, labels=y)``, ``optimizer.zero_grad()``,
+        backward); restore.  Returns the last adversarial loss."""
+        self.save()
+        loss = None
+        try:
+            for _ in range(self.adv_step):
+                self.attack_step()
+                out = self.model(input_ids=x, attention_mask=attention_mask, labels=y)
+                loss = out if isinstance(out, torch.Tensor) else out[0]
+                self.optimizer.zero_grad()
+                loss.backward()
+        finally:
+            self.restore()
+        return loss
