@@ -2,6 +2,7 @@
 
     from fused_adv import FGM, PGD, AWP          # drop-in for the community classes
     import fused_adv.reference                   # the community classes themselves (the oracle)
+    # the drop-ins never inherit from the oracle; what both use lives in fused_adv._shared
     import fused_adv.ops                         # the multi-tensor ops they are built from
 
 Backends: ``backend="auto"`` (default) | "cuda" | "triton" | "cpp" | "torch", or env

@@ -403,7 +403,10 @@ def test_public_entry_points_have_their_own_docstrings(cls):
         assert doc and len(doc.split()) >= 8, f"{cls.__name__}.{name} has no docstring of its own"
 
 
-@pytest.mark.parametrize("fn", [fused_sift.hook_sift_layer, reference.hook_sift_layer] +
-                         [getattr(S, n) for n in S.__all__ if callable(getattr(S, n)) and not isinstance(getattr(S, n), dict)])
+SHARED_FUNCTIONS = [getattr(S, n) for n in S.__all__ if inspect.isfunction(getattr(S, n))]
+
+
+@pytest.mark.parametrize("fn", [fused_sift.hook_sift_layer, reference.hook_sift_layer] + SHARED_FUNCTIONS,
+                         ids=lambda f: f.__name__)
 def test_shared_and_hook_functions_have_docstrings(fn):
     assert fn.__doc__ and len(fn.__doc__.split()) >= 8

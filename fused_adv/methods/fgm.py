@@ -21,8 +21,8 @@ class FGM(Perturbation):
     ``attack(epsilon=None, emb_name=None)`` perturbs every trainable parameter whose name contains
     ``emb_name``: P <- P + epsilon*G/||G|| (skipped when ||G|| is 0 or NaN), after backing P up.
     ``restore()`` puts the backed-up weights back bit for bit (``restore_mode="swap"``: by
-    re-pointing ``param.data`` at the backup as the community class does, no copy; opt-in).  ``with fgm.perturbed(): ...``
-    does both and restores even if the block raises.  Raises ValueError when ``emb_name``
+    re-pointing ``param.data`` at the backup as the community class does, no copy; opt-in).
+    ``with fgm.perturbed(): ...`` does both and restores even if the block raises.  Raises ValueError when ``emb_name``
     matches no trainable parameter, AttackStateError on restore() without attack() or on a
     second attack() before restore().
     """

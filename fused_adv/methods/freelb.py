@@ -1,4 +1,5 @@
-"""FreeLB with fused per-sample ascent steps: the drop-in (reference: fused_adv.reference.freelb).
+"""FreeLB with fused per-sample ascent steps: the drop-in (reference: fused_adv.reference.freelb;
+docs/methods.md §6 (FreeLB)).
 
 Same constructor, ``attack`` and numbers as the reference (the official HF example's loop).
 Fused: each ascent step is one reduction pass over (delta, grad) giving per-sample

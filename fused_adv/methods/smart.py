@@ -1,4 +1,5 @@
-"""SMART with a fused per-token noise update: the drop-in (reference: fused_adv.reference.smart).
+"""SMART with a fused per-token noise update: the drop-in (reference: fused_adv.reference.smart;
+docs/methods.md §7 (SMART)).
 
 Same constructor, ``loss`` and numbers as the reference (mt-dnn's SmartPerturbation).  Fused:
 the ascent step is one reduction pass over the gradient (per-token max|g| and Σg², from which
