@@ -32,7 +32,7 @@ def report() -> str:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}",
         "",
     ]
-    ops = [name for schemas, _ in _library.FAMILIES.values() for name in schemas]
+    ops = list(_library.FAMILY_OF)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         device = torch.device(dev)

@@ -7,6 +7,9 @@ The ``triton`` backend also serves CPU tensors when ``TRITON_INTERPRET=1`` (test
 picks it there.  ``backend=None`` means "auto" unless ``FUSED_ADV_BACKEND`` names a backend.
 An explicit backend that cannot serve the call raises :class:`BackendUnavailableError` listing
 every backend with its reason; auto falls back silently.
+Which family an op belongs to, and that family's torch and Triton modules, are read from the
+:class:`~fused_adv.ops._library.OpFamily` records registered by ``fused_adv.ops._library.register``;
+this module keeps no table of its own.
 """
 from __future__ import annotations
 
@@ -21,19 +24,18 @@ from fused_adv.ops import _library
 
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-# op family -> module of the Triton launchers (imported lazily: importing triton is slow)
-TRITON_MODULES = {"weight": "fused_adv._triton.weight"}
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call; the message lists every reason."""
 
 
-def _family_of(op: str) -> str:
-    for family, (schemas, _) in _library.FAMILIES.items():
-        if op in schemas:
-            return family
-    raise KeyError(f"unknown fused_adv op {op!r}")
+def _family_of(op: str) -> _library.OpFamily:
+    """The record of ``op``'s family (the tables are filled by _library.register from the records)."""
+    try:
+        return _library.FAMILY_OF[op]
+    except KeyError:
+        raise KeyError(f"unknown fused_adv op {op!r}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,8 +47,9 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _triton_module(family: str):
-    return importlib.import_module(TRITON_MODULES[family])
+def _triton_module(family: _library.OpFamily):
+    # imported lazily: importing triton costs about a second and is useless on CPU-only installs
+    return importlib.import_module(family.triton_module)
 
 
 def why_not(backend: str, device: torch.device, op: str) -> str | None:
@@ -75,14 +78,14 @@ def why_not(backend: str, device: torch.device, op: str) -> str | None:
         if dev not in ("cpu", "cuda"):
             return f"does not serve {dev} tensors"
         family = _family_of(op)
-        if family not in TRITON_MODULES:
-            return f"has no kernels for the {family} op family"
+        if family.triton_module is None:
+            return f"has no kernels for the {family.name} op family"
         try:
             mod = _triton_module(family)
         except Exception as exc:
-            return f"{TRITON_MODULES[family]} failed to import ({type(exc).__name__}: {exc})"
+            return f"{family.triton_module} failed to import ({type(exc).__name__}: {exc})"
         if not hasattr(mod, op):
-            return f"{TRITON_MODULES[family]} has no kernel for {op}"
+            return f"{family.triton_module} has no kernel for {op}"
         return None
     return f"unknown backend (choose from {', '.join(BACKENDS)} or 'auto')"
 
@@ -116,4 +119,4 @@ def kernel(backend: str, op: str) -> Callable:
     family = _family_of(op)
     if backend == "triton":
         return getattr(_triton_module(family), op)
-    return getattr(importlib.import_module(_library.FAMILIES[family][1]), op)
+    return getattr(importlib.import_module(family.torch_module), op)

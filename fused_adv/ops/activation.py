@@ -14,17 +14,24 @@ a value back to the host.  Shapes and dtypes:
 so it can be used inside a model's forward; :func:`attach_delta` makes a precomputed perturbed
 activation differentiable w.r.t. its delta.
 
-Importing this module registers the family with the op layer (schemas, torch backend, fake
-impls, Triton module).
+The family record :data:`FAMILY` at the end of this file is the only place the op schemas are
+written; importing this module registers nothing (fused_adv/ops/__init__.py registers the records).
+Schema conventions (all ops of this family):
+
+- activations are contiguous [..., H] tensors ("rows" of H elements, rows = numel / H) for the
+  row-wise ops, [B, ...] for the per-sample FreeLB ops (a "sample" is everything after dim 0);
+- float16, bfloat16, float32 or float64; all math in float32 (float64 stays float64), rounded
+  once when stored; statistics are float32 (float64 for float64 inputs);
+- guards (NaN/Inf) are decided on the device; nothing is read back by the host;
+- ``*_`` ops mutate the argument annotated ``(a!)`` in place.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fused_adv.ops import _library, _registry
+from fused_adv.ops._library import Op, OpFamily
 from fused_adv.ops._registry import kernel, resolve
-from fused_adv.ops._schemas_activation import SCHEMAS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WIDE = (torch.float32, torch.float64)
@@ -36,53 +43,6 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 def _rows_of(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else (0 if t.dim() else 1)
-
-
-# ----------------------------------------------------------------------------- fake impls
-def _fake_ln_delta_fwd(x, delta, eps):
-    rows = _rows_of(x)
-    acc = _acc_dtype(x)
-    return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
-
-
-def _fake_ln_delta_bwd(grad_out, x, mean, rstd):
-    return torch.empty_like(x)
-
-
-def _fake_row_absmax_sumsq(x):
-    return x.new_empty(_rows_of(x), 2, dtype=torch.float32)
-
-
-def _fake_sift_perturb(xhat, noise, bound):
-    return torch.empty_like(noise, dtype=torch.float32), torch.empty_like(xhat)
-
-
-def _fake_sift_update_(delta, grad, xhat, stats, lr):
-    return torch.empty_like(xhat)
-
-
-def _fake_smart_update_(noise, grad, stats, step_size, epsilon):
-    return noise.new_empty((), dtype=torch.float32)
-
-
-def _fake_freelb_reduce(delta, grad, linf):
-    return delta.new_empty(delta.shape[0], 3, dtype=torch.float32)
-
-
-def _fake_freelb_update_(delta, grad, stats, lr, max_norm, linf):
-    return None
-
-
-_FAKES = {
-    "ln_delta_fwd": _fake_ln_delta_fwd, "ln_delta_bwd": _fake_ln_delta_bwd,
-    "row_absmax_sumsq": _fake_row_absmax_sumsq, "sift_perturb": _fake_sift_perturb,
-    "sift_update_": _fake_sift_update_, "smart_update_": _fake_smart_update_,
-    "freelb_reduce": _fake_freelb_reduce, "freelb_update_": _fake_freelb_update_,
-}
-
-_library.FAMILIES["activation"] = (SCHEMAS, "fused_adv._torch.activation")
-_library.register_family("activation", _FAKES)
-_registry.TRITON_MODULES["activation"] = "fused_adv._triton.activation"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -215,7 +175,7 @@ def freelb_reduce(delta: Tensor, grad: Tensor, linf: bool, *, backend: str | Non
 
 def freelb_update_(delta: Tensor, grad: Tensor, stats: Tensor | None, lr: float, max_norm: float, linf: bool, *,
                    backend: str | None = None) -> None:
-    """FreeLB ascent step + projection per sample, in place on ``delta`` (SPEC.md section 6):
+    """FreeLB ascent step + projection per sample, in place on ``delta`` (docs/methods.md §6 (FreeLB)):
     l2: delta += lr*g/max(‖g_b‖, 1e-8), then samples with ‖delta_b‖ > max_norm (> 0) are scaled
     onto the sphere; linf: delta += lr*g/max(max|g_b|, 1e-8), then clamp to +-max_norm (> 0).
     ``stats`` = :func:`freelb_reduce` (delta, grad, linf) (computed here when None)."""
@@ -269,3 +229,72 @@ def attach_delta(out: Tensor, delta: Tensor) -> Tensor:
     """``out`` (a precomputed ``xhat.detach() + delta``, e.g. from :func:`sift_update_`) as a tensor
     whose gradient flows to ``delta`` (d out / d delta = identity, cast to delta's dtype)."""
     return _Attach.apply(out, delta)
+
+
+# ----------------------------------------------------------------------------- fake impls
+# What torch.compile and torch.library.opcheck see of each op: results' shapes, dtypes, devices.
+def _fake_ln_delta_fwd(x, delta, eps):
+    rows = _rows_of(x)
+    acc = _acc_dtype(x)
+    return torch.empty_like(x), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
+
+
+def _fake_ln_delta_bwd(grad_out, x, mean, rstd):
+    return torch.empty_like(x)
+
+
+def _fake_row_absmax_sumsq(x):
+    return x.new_empty(_rows_of(x), 2, dtype=torch.float32)
+
+
+def _fake_sift_perturb(xhat, noise, bound):
+    return torch.empty_like(noise, dtype=torch.float32), torch.empty_like(xhat)
+
+
+def _fake_sift_update_(delta, grad, xhat, stats, lr):
+    return torch.empty_like(xhat)
+
+
+def _fake_smart_update_(noise, grad, stats, step_size, epsilon):
+    return noise.new_empty((), dtype=torch.float32)
+
+
+def _fake_freelb_reduce(delta, grad, linf):
+    return delta.new_empty(delta.shape[0], 3, dtype=torch.float32)
+
+
+def _fake_freelb_update_(delta, grad, stats, lr, max_norm, linf):
+    return None
+
+# ----------------------------------------------------------------------------- family record
+FAMILY = OpFamily(
+    name="activation",
+    ops=(
+        # out = LN(x) (+ delta), LN without affine over the last dim; returns (out, mean, rstd)
+        # with mean, rstd of shape [rows] (float32; float64 for float64 x).
+        Op("ln_delta_fwd(Tensor x, Tensor? delta, float eps) -> (Tensor, Tensor, Tensor)", _fake_ln_delta_fwd),
+        # grad_x of the non-affine LayerNorm from (grad_out, x, mean, rstd).
+        Op("ln_delta_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd) -> Tensor", _fake_ln_delta_bwd),
+        # per row: (max_j |x_j| (NaN if the row has a NaN), sum_j x_j^2)  -> float32 [rows, 2]
+        Op("row_absmax_sumsq(Tensor x) -> Tensor", _fake_row_absmax_sumsq),
+        # SiFT init: delta = clamp(float(noise), -bound, bound) (float32); out = (float(xhat) + delta)
+        # in xhat's dtype.  Returns (delta, out).
+        Op("sift_perturb(Tensor xhat, Tensor noise, float bound) -> (Tensor, Tensor)", _fake_sift_perturb),
+        # SiFT step: if sum(stats[:, 1]) is finite: delta += lr * g / (1e-6 + stats[row, 0]);
+        # returns out = (float(xhat) + delta) in xhat's dtype.  stats = row_absmax_sumsq(grad).
+        Op("sift_update_(Tensor(a!) delta, Tensor grad, Tensor xhat, Tensor stats, float lr) -> Tensor",
+           _fake_sift_update_),
+        # SMART step: if sum(stats[:, 1]) is finite: v = noise + step_size * g;
+        # noise <- v / (max_j |v_j| + epsilon) per row.  Returns ok (float32 0-dim, 1 or 0).
+        Op("smart_update_(Tensor(a!) noise, Tensor grad, Tensor stats, float step_size, float epsilon) -> Tensor",
+           _fake_smart_update_),
+        # FreeLB per-sample statistics -> float32 [B, 3]:
+        # l2: (sum g^2, sum delta*g, sum delta^2); linf: (max |g| (NaN-propagating), 0, 0).
+        Op("freelb_reduce(Tensor delta, Tensor grad, bool linf) -> Tensor", _fake_freelb_reduce),
+        # FreeLB step + projection per sample (docs/methods.md §6 (FreeLB)), stats from freelb_reduce.
+        Op("freelb_update_(Tensor(a!) delta, Tensor grad, Tensor stats, float lr, float max_norm, bool linf) -> ()",
+           _fake_freelb_update_),
+    ),
+    torch_module="fused_adv._torch.activation",
+    triton_module="fused_adv._triton.activation",
+)

@@ -8,6 +8,15 @@ a value back to the host.  Shapes and dtypes:
   the same shape and dtype (float16, bfloat16, float32 or float64); params and backups must be
   contiguous (grads are made contiguous if they are not).
 * reductions return float32 tensors on that device; ``*_`` functions mutate in place.
+
+The family record :data:`FAMILY` at the end of this file is the only place the op schemas are
+written (see fused_adv/ops/__init__.py for what a family record holds).  Schema conventions:
+
+- lists are "tensor lists": any number of tensors (0 included), one device per call, mixed
+  dtypes allowed across entries; within entry i, params[i], grads[i] and backups[i] share shape
+  and dtype and are contiguous;
+- reductions return float32 tensors on the tensors' device; nothing is read back by the host;
+- ``*_`` ops mutate the arguments annotated ``(a!)`` / ``(b!)`` in place and return nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fused_adv.ops._library import Op, OpFamily
 from fused_adv.ops._registry import kernel, resolve
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -149,3 +159,64 @@ def restore_(params, backups, *, backend: str | None = None) -> None:
     if not params:
         return
     kernel(resolve(backend, _device_of(params), "restore_"), "restore_")(params, backups)
+
+
+# ----------------------------------------------------------------------------- fake impls
+# What torch.compile and torch.library.opcheck see of each op: results' shapes, dtypes, devices.
+def _fake_multi_tensor_sumsq(tensors):
+    return torch.empty(len(tensors), dtype=torch.float32, device=_device_of(tensors))
+
+
+def _fake_pgd_reduce(params, grads, backups, first):
+    return torch.empty(len(params), 3, dtype=torch.float32, device=_device_of(params))
+
+
+def _fake_fgm_perturb_(params, grads, backups, grad_sumsq, epsilon, write_backup):
+    return None
+
+
+def _fake_fgsm_perturb_(params, grads, backups, epsilon, write_backup):
+    return None
+
+
+def _fake_pgd_perturb_(params, grads, backups, stats, alpha, epsilon, first):
+    return None
+
+
+def _fake_awp_perturb_(params, grads, backups, grad_sumsq, param_sumsq, adv_lr, adv_eps, first):
+    return None
+
+
+def _fake_restore_(params, backups):
+    return None
+
+
+# ----------------------------------------------------------------------------- family record
+FAMILY = OpFamily(
+    name="weight",
+    ops=(
+        # out[i] = sum(tensors[i]**2), accumulated in fp32 (or wider).  -> float32[N]
+        Op("multi_tensor_sumsq(Tensor[] tensors) -> Tensor", _fake_multi_tensor_sumsq),
+        # out[i] = (||G_i||^2, <P_i - B_i, G_i>, ||P_i - B_i||^2); when first, columns 1, 2 are 0
+        # and backups are not read.  -> float32[N, 3]
+        Op("pgd_reduce(Tensor[] params, Tensor[] grads, Tensor[] backups, bool first) -> Tensor",
+           _fake_pgd_reduce),
+        # if write_backup: B <- P.  n = sqrt(grad_sumsq[i]); if n != 0 and n not NaN: P <- P + eps*G/n
+        Op("fgm_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+           "Tensor grad_sumsq, float epsilon, bool write_backup) -> ()", _fake_fgm_perturb_),
+        # if write_backup: B <- P.  P <- P + eps*sign(G)
+        Op("fgsm_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+           "float epsilon, bool write_backup) -> ()", _fake_fgsm_perturb_),
+        # PGD step with the analytic projection (docs/methods.md §3 (PGD)), stats from pgd_reduce.
+        Op("pgd_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+           "Tensor stats, float alpha, float epsilon, bool first) -> ()", _fake_pgd_perturb_),
+        # AWP step (docs/methods.md §4 (AWP (Kaggle))) with the box B +- adv_eps*|B| recomputed from B.
+        Op("awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+           "Tensor grad_sumsq, Tensor param_sumsq, float adv_lr, float adv_eps, bool first) -> ()",
+           _fake_awp_perturb_),
+        # P <- B, bit-exact.
+        Op("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()", _fake_restore_),
+    ),
+    torch_module="fused_adv._torch.weight",
+    triton_module="fused_adv._triton.weight",
+)
