@@ -64,12 +64,17 @@ class ShardingError(ValueError):
     """A parameter layout the weight-space methods cannot work on; the message says what to change."""
 
 
+_DTENSOR = []  # [DTensor class or None], resolved on first use
+
+
 def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def _is_dtensor(t) -> bool:
@@ -182,51 +187,80 @@ class ShardingLayout:
     def localize(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
                  names: Sequence[str] | None = None) -> "Localized":
         """See :func:`localize`."""
-        if len(grads) != len(params):
-            raise ValueError(f"fused_adv.localize: {len(params)} params but {len(grads)} grads")
-        label = (lambda i: names[i]) if names is not None else (lambda i: f"params[{i}]")
+        n = len(params)
+        if len(grads) != n:
+            raise ValueError(f"fused_adv.localize: {n} params but {len(grads)} grads")
+        DTensor = _dtensor_cls()
+        # Fast path (single process, DDP, plain parameters): the pieces are the parameters and
+        # nothing is reduced.  Without an initialized process group nothing can be sharded.
+        if not (dist.is_available() and dist.is_initialized()) or not (
+                self._fsdp1 or self._fsdp2 or any(isinstance(p, DTensor) or getattr(p, "_fsdp_flattened", False)
+                                                  for p in params)):
+            locals_ = [p.detach() for p in params]
+            live = [i for i, g in enumerate(grads) if g is not None and locals_[i].numel() > 0]
+            for i in live:
+                if grads[i].shape != locals_[i].shape:
+                    raise ShardingError(f"fused_adv: the gradient of {self._label(names, i)} has shape "
+                                        f"{tuple(grads[i].shape)} but the parameter is {tuple(locals_[i].shape)}")
+            return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
+                             grads=[grads[i] for i in live], plan=_NO_REDUCTION)
         locals_, local_grads, slot_groups = [], [], []
         for i, (p, g) in enumerate(zip(params, grads)):
-            if _is_dtensor(p):
-                lp, groups = _dtensor_local(p, label(i))
-                lg = None if g is None else _dtensor_grad_local(p, g, label(i))
+            if DTensor is not None and isinstance(p, DTensor):
+                lp, groups = _dtensor_local(p, self._label(names, i))
+                lg = None if g is None else _dtensor_grad_local(p, g, self._label(names, i))
             else:
-                if _is_dtensor(g):
-                    raise ShardingError(f"fused_adv: {label(i)} is a plain tensor but its gradient is a DTensor "
-                                        f"with placements {tuple(g.placements)}; parameter and gradient must share a layout")
-                info = self._fsdp1_info(p)
-                lp = p.detach()
-                groups = ()
-                if info is not None:
-                    if info.group is not None:
-                        groups = (info.group,)
-                        if lp.numel() != info.numel_in_shard or lp.dim() != 1:
-                            raise ShardingError(
-                                f"fused_adv: FSDP1 parameter {label(i)} is not in its sharded state (shape "
-                                f"{tuple(lp.shape)}, this rank's shard holds {info.numel_in_shard} elements of it): "
-                                "attack after the clean backward (FSDP reshards then), not inside forward or "
-                                "summon_full_params")
-                elif self._fsdp2 and id(p) in self._fsdp2_unsharded_ids():
-                    raise ShardingError(
-                        f"fused_adv: {label(i)} is a plain tensor in a model that FSDP2 (fully_shard) wraps: its "
-                        "parameters are unsharded right now (between forward and backward, or "
-                        "reshard_after_forward=False) and a write to them would be lost. Attack after the clean "
-                        "backward, or call model.reshard() first.")
-                lg = None if g is None else g.detach()
-            if lg is not None and (lg.shape != lp.shape):
-                raise ShardingError(f"fused_adv: the gradient of {label(i)} has local shape {tuple(lg.shape)} but "
-                                    f"the parameter's local piece is {tuple(lp.shape)}")
+                lp, groups = self._plain_local(p, g, names, i)
+                lg = g
+            if lg is not None and lg.shape != lp.shape:
+                raise ShardingError(f"fused_adv: the gradient of {self._label(names, i)} has local shape "
+                                    f"{tuple(lg.shape)} but the parameter's local piece is {tuple(lp.shape)}")
             locals_.append(lp)
             local_grads.append(lg)
             slot_groups.append(groups)
         live = [i for i, (lp, lg) in enumerate(zip(locals_, local_grads)) if lg is not None and lp.numel() > 0]
         device = locals_[0].device if locals_ else torch.device("cpu")
-        key = (len(params), tuple(live), tuple(tuple(id(g) for g in gs) for gs in slot_groups), device)
+        key = (n, tuple(live), tuple(tuple(id(g) for g in gs) for gs in slot_groups), device)
         if key != self._plan_key:
-            self._plan = _Plan.build(len(params), live, slot_groups, device)
+            self._plan = _Plan.build(n, live, slot_groups, device)
             self._plan_key = key
         return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
                          grads=[local_grads[i] for i in live], plan=self._plan)
+
+    @staticmethod
+    def _label(names, i: int) -> str:
+        return names[i] if names is not None else f"params[{i}]"
+
+    def _plain_local(self, p: Tensor, g, names, i: int) -> tuple[Tensor, tuple]:
+        """A plain tensor: an FSDP1 original parameter (a 1-D view into this rank's flat shard),
+        an FSDP2 parameter caught unsharded (refused), or replicated."""
+        if _is_dtensor(g):
+            raise ShardingError(f"fused_adv: {self._label(names, i)} is a plain tensor but its gradient is a "
+                                f"DTensor with placements {tuple(g.placements)}; parameter and gradient must share "
+                                "a layout")
+        lp = p.detach()
+        info = self._fsdp1_info(p)
+        if info is not None:
+            if info.group is None:  # NO_SHARD: the views are the whole parameters, replicated
+                return lp, ()
+            if lp.numel() != info.numel_in_shard or lp.dim() != 1:
+                raise ShardingError(
+                    f"fused_adv: FSDP1 parameter {self._label(names, i)} is not in its sharded state (shape "
+                    f"{tuple(lp.shape)}, this rank's shard holds {info.numel_in_shard} elements of it): attack "
+                    "after the clean backward (FSDP reshards then), not inside forward or summon_full_params")
+            return lp, (info.group,)
+        if getattr(p, "_fsdp_flattened", False):
+            raise ShardingError(
+                f"fused_adv: {self._label(names, i)} belongs to a FullyShardedDataParallel unit that the model "
+                "given to the method does not contain (the FSDP wrapper is outside it), so its shard layout is "
+                "unknown. Build the method with the FSDP-wrapped model.")
+        if self._fsdp2 and id(p) in self._fsdp2_unsharded_ids():
+            raise ShardingError(
+                f"fused_adv: {self._label(names, i)} is a plain tensor in a model that FSDP2 (fully_shard) wraps: "
+                "its parameters are unsharded right now (between forward and backward, or "
+                "reshard_after_forward=False) and a write to them would be lost. Attack after the clean "
+                "backward, or call model.reshard() first.")
+        return lp, ()
 
 
 def _dtensor_local(p, label: str) -> tuple[Tensor, tuple]:
@@ -287,6 +321,8 @@ class _Plan:
             groups.append((g, None if len(r) == n_slots else torch.tensor(r, dtype=torch.long, device=device)))
         return _Plan(n_slots, live_idx, groups)
 
+
+_NO_REDUCTION = _Plan(0, None, [])
 
 _OPS = {"sum": (dist.ReduceOp.SUM if dist.is_available() else None, 0.0),
         "max": (dist.ReduceOp.MAX if dist.is_available() else None, float("-inf"))}

@@ -365,6 +365,13 @@ def scenario_fsdp1(rank, world):
         chk.close("fsdp1 forward at perturbed weights", sharded_loss, ref(x), rtol=1e-6)
     ops.restore_(loc.params, backups)
 
+    # A layout built on a module inside the wrapper cannot know the root unit's shards: refused.
+    try:
+        ShardingLayout(model.module).localize([model.module.a], [None], names=["a"])
+        chk.errors.append("FSDP1 parameter outside the layout's model: no error")
+    except ShardingError as e:
+        chk.true(f"outside-wrapper message: {e}", "FSDP-wrapped model" in str(e))
+
     plain = FSDP(Fsdp1Tiny(), use_orig_params=False, device_id=cpu)
     try:
         check_model(plain)
