@@ -19,6 +19,8 @@ The adversarial part is three lines (see ``build_trainer``)::
     class AWPTrainer(AdversarialTrainerMixin, Trainer): pass
     trainer = AWPTrainer(..., adversarial="awp", adversarial_kwargs={"adv_lr": .., "adv_eps": ..})
     trainer.train()
+
+Every method's step, the options and what is logged: docs/hf.md.
 """
 from __future__ import annotations
 
