@@ -302,6 +302,7 @@ class _Plan:
     """The collectives of one reduction call, built once per (slots, live entries, groups)."""
     n_slots: int
     live_idx: Tensor | None          # None: every slot is live, in order
+    device: torch.device | None = None  # where the parameters live (the buffers' device)
     groups: list[tuple[object, Tensor | None]] = field(default_factory=list)  # (group, rows or None = all)
 
     @staticmethod
@@ -319,10 +320,10 @@ class _Plan:
         for g in order:
             r = rows[id(g)]
             groups.append((g, None if len(r) == n_slots else torch.tensor(r, dtype=torch.long, device=device)))
-        return _Plan(n_slots, live_idx, groups)
+        return _Plan(n_slots, live_idx, device, groups)
 
 
-_NO_REDUCTION = _Plan(0, None, [])
+_NO_REDUCTION = _Plan(0, None, None, [])
 
 _OPS = {"sum": (dist.ReduceOp.SUM if dist.is_available() else None, 0.0),
         "max": (dist.ReduceOp.MAX if dist.is_available() else None, float("-inf"))}
@@ -361,8 +362,9 @@ class Localized:
         not hold contribute -inf).  Returns a tensor of the same shape holding the reductions.
         Issues exactly one ``torch.distributed.all_reduce`` per process group that shards one
         of the N tensors (none when nothing is sharded: ``stats`` comes back as is) and never
-        reads a value to the host.  Every rank must call it (the same calls, in the same order).
-        ``stats`` may be overwritten."""
+        reads a value to the host.  Every rank must call it (the same calls, in the same order),
+        also a rank with no live piece (L = 0: pass the empty result of the op).  ``stats`` may
+        be overwritten."""
         if op not in _OPS:
             raise ValueError(f"fused_adv: reduce op must be 'sum' or 'max', got {op!r}")
         plan = self.plan
@@ -376,8 +378,10 @@ class Localized:
         if plan.live_idx is None:
             full = moved.contiguous()
         else:
-            full = moved.new_full((plan.n_slots, *moved.shape[1:]), fill)
-            full.index_copy_(0, plan.live_idx, moved)
+            # On the parameters' device: with no live piece here the ops return an empty CPU
+            # tensor, but this rank must still take part in the collective.
+            full = torch.full((plan.n_slots, *moved.shape[1:]), fill, dtype=moved.dtype, device=plan.device)
+            full.index_copy_(0, plan.live_idx, moved.to(plan.device))
         for group, rows in plan.groups:
             if rows is None:
                 dist.all_reduce(full, op=reduce_op, group=group)

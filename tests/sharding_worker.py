@@ -336,6 +336,14 @@ def scenario_fsdp1(rank, world):
     chk.true("sharded", loc.sharded)
     # The oracle for a live piece is the full tensor's statistic.
     check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "fsdp1")
+    # Selecting only ``a`` leaves rank 1 with no live piece: it still takes part in the collective.
+    ia = names.index("a")
+    loc_a = layout.localize([params[ia]], [grads[ia]], names=["a"])
+    chk.equal("a live", loc_a.live, [0] if rank == 0 else [])
+    with counter.counting():
+        got = loc_a.reduce(ops.multi_tensor_sumsq(loc_a.grads))
+        chk.equal("a-only collectives", counter.take(), 1)
+    chk.close("a-only sumsq", got, full_g[ia].double().pow(2).sum().reshape(1) if rank == 0 else torch.zeros(0))
     eps = 0.5
     backups = [torch.empty_like(t) for t in loc.params]
     with counter.counting():
