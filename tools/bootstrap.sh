@@ -22,6 +22,9 @@ have torch || $PIP torch==2.13.0
 have triton || $PIP triton==3.7.1 || echo "   (triton unavailable: the triton backend will be skipped)"
 have transformers || $PIP "transformers>=4.40"
 have accelerate || $PIP accelerate   # the HF Trainer needs it (torch is present, so no torch is pulled)
+# DeepSpeed ZeRO support (tests/test_deepspeed.py): from the sdist, ~20 s; no ops are built and
+# --no-build-isolation keeps pip from resolving a torch of its own.
+have deepspeed || DS_BUILD_OPS=0 $PIP --no-build-isolation deepspeed==0.19.8
 missing=""
 for mod in numpy tqdm matplotlib pytest pytest_benchmark ninja wheel; do have $mod || missing="$missing $mod"; done
 [ -n "$missing" ] && $PIP $(echo $missing | sed 's/pytest_benchmark/pytest-benchmark/')
