@@ -22,6 +22,7 @@ from fused_adv.methods.smart import SMART  # noqa: E402
 from fused_adv.ops import why_not  # noqa: E402
 from fused_adv.reference.freelb import FreeLB as RefFreeLB  # noqa: E402
 from fused_adv.reference.smart import SMART as RefSMART  # noqa: E402
+from conftest import backend_fixture  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,12 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["torch", "cpp", "triton"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    reason = why_not(request.param, torch.device("cpu"), "sift_update_")
-    if reason:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param
+_device_backend = backend_fixture("sift_update_", [("cpu", b) for b in BACKENDS])
+
+
+@pytest.fixture
+def backend(_device_backend):
+    return _device_backend[1]
 
 
 def tiny_bert(seed=0, dropout=0.0, dtype=torch.float32):

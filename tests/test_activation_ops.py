@@ -20,6 +20,7 @@ from fused_adv.reference.freelb import FreeLB as RefFreeLB  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tolerance as _tolerance  # noqa: E402
+from conftest import backend_fixture  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,21 +29,14 @@ BACKENDS = ["torch", "cpp", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-# (device, backend) pairs; unavailable ones are skipped with the registry's reason
-DEVICE_BACKENDS = [("cpu", "torch"), ("cpu", "cpp"), ("cpu", "triton"),
-                   ("cuda", "torch"), ("cuda", "cuda"), ("cuda", "triton")]
 _DEV = {"device": "cpu"}  # where _x puts tensors; set by the backend fixture for its test
+# every (device, backend) pair of tests/conftest.py; unavailable ones skipped with the registry's reason
+_device_backend = backend_fixture("ln_delta_fwd")
 
 
-@pytest.fixture(params=[pytest.param(p, marks=[pytest.mark.gpu] if p[0] == "cuda" else [])
-                        for p in DEVICE_BACKENDS], ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
-def backend(request):
-    device, name = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = why_not(name, torch.device(device), "ln_delta_fwd")
-    if reason:
-        pytest.skip(f"{name} on {device}: {reason}")
+@pytest.fixture
+def backend(_device_backend):
+    device, name = _device_backend
     _DEV["device"] = device
     yield name
     _DEV["device"] = "cpu"
