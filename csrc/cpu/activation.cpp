@@ -18,24 +18,22 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/kernel_math.h"
+
 namespace fused_adv {
 namespace {
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using common::clamp_keep_nan;
+using common::last_dim;
+using common::nan_max;
+using common::opmath_t;
+using common::opmath_type_of;
+using common::rows_of;
 
 constexpr int kLanes = 8;  // partial accumulators per reduction
 
-int64_t last_dim(const at::Tensor& t) { return t.dim() ? t.size(-1) : 1; }
-int64_t rows_of(const at::Tensor& t) {
-  const int64_t h = last_dim(t);
-  return h ? t.numel() / h : 0;
-}
 int64_t grain_rows(int64_t h) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(h, 1)); }
-
-at::ScalarType acc_type_of(at::ScalarType s) {
-  return s == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // sum_j f(j) over [0, n) with kLanes partial sums (fixed order)
 template <typename A, typename F>
@@ -50,14 +48,7 @@ inline A lane_sum(int64_t n, F f) {
   return s;
 }
 
-// clamp that keeps NaN (as torch.clamp)
-template <typename A>
-inline A clamp_keep_nan(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fused_adv (cpu): ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "fused_adv (cpu): ", name, " must be contiguous");
-}
+void check_cpu(const at::Tensor& t, const char* name) { common::check_input(t, name, c10::DeviceType::CPU); }
 
 // ---------------------------------------------------------------- LayerNorm (+ delta)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_delta_fwd_cpu(const at::Tensor& x,
@@ -65,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_delta_fwd_cpu(const at::Tensor
                                                                 double eps) {
   check_cpu(x, "x");
   const int64_t h = last_dim(x), rows = rows_of(x);
-  const auto acc = acc_type_of(x.scalar_type());
+  const auto acc = opmath_type_of(x.scalar_type());
   auto out = at::empty_like(x);
   auto mean = at::empty({rows}, x.options().dtype(acc));
   auto rstd = at::empty({rows}, x.options().dtype(acc));
@@ -77,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_delta_fwd_cpu(const at::Tensor
   }
   if (rows == 0) return {out, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ln_delta_fwd", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const A* dp = has_delta ? d.data_ptr<A>() : nullptr;
@@ -111,7 +102,7 @@ at::Tensor ln_delta_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
                             const at::Tensor& rstd) {
   check_cpu(x, "x");
   const int64_t h = last_dim(x), rows = rows_of(x);
-  const auto acc = acc_type_of(x.scalar_type());
+  const auto acc = opmath_type_of(x.scalar_type());
   auto g = grad_out.to(x.scalar_type()).contiguous();
   auto mu_t = mean.to(acc).contiguous();
   auto rs_t = rstd.to(acc).contiguous();
@@ -126,7 +117,7 @@ at::Tensor ln_delta_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
   auto dx = at::empty_like(x);
   if (rows == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ln_delta_bwd", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const A* mp = mu_t.data_ptr<A>();
@@ -175,7 +166,7 @@ at::Tensor row_absmax_sumsq_cpu(const at::Tensor& x) {
   auto stats = at::empty({rows, 2}, x.options().dtype(at::kFloat));
   if (rows == 0) return stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_absmax_sumsq", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     float* sp = stats.data_ptr<float>();
     at::parallel_for(0, rows, grain_rows(h), [&](int64_t r0, int64_t r1) {
@@ -230,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> sift_perturb_cpu(const at::Tensor& xhat, cons
   const int64_t n = xhat.numel();
   if (n == 0) return {delta, out};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xhat.scalar_type(), "sift_perturb", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     const scalar_t* xp = xhat.data_ptr<scalar_t>();
     const float* np_ = nz.data_ptr<float>();
     float* dp = delta.data_ptr<float>();
@@ -266,7 +257,7 @@ at::Tensor sift_update_cpu(const at::Tensor& delta, const at::Tensor& grad, cons
     const float* sp = st.data_ptr<float>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xh.scalar_type(), "sift_update_out", [&] {
       using X = scalar_t;
-      using XA = acc_t<X>;
+      using XA = opmath_t<X>;
       const X* xp = xh.data_ptr<X>();
       X* op = out.data_ptr<X>();
       const D lrd = static_cast<D>(lr);
@@ -299,7 +290,7 @@ at::Tensor smart_update_cpu(const at::Tensor& noise, const at::Tensor& grad, con
   const bool ok = rows == 0 || grad_ok(stats);
   if (rows > 0 && ok) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, noise.scalar_type(), "smart_update_", [&] {
-      using A = acc_t<scalar_t>;
+      using A = opmath_t<scalar_t>;
       scalar_t* np_ = noise.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const A step = static_cast<A>(step_size), eps = static_cast<A>(epsilon);
@@ -333,7 +324,7 @@ at::Tensor smart_update_cpu(const at::Tensor& noise, const at::Tensor& grad, con
 }
 
 // ---------------------------------------------------------------- FreeLB (per sample)
-constexpr int64_t kChunk = 16384;
+constexpr int64_t kChunkSize = 16384;
 
 at::Tensor freelb_reduce_cpu(const at::Tensor& delta, const at::Tensor& grad, bool linf) {
   check_cpu(delta, "delta");
@@ -342,7 +333,7 @@ at::Tensor freelb_reduce_cpu(const at::Tensor& delta, const at::Tensor& grad, bo
   auto stats = at::zeros({b, 3}, delta.options().dtype(at::kFloat));
   if (b == 0 || n == 0) return stats;
   auto g = grad.contiguous();
-  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  const int64_t nchunk = (n + kChunkSize - 1) / kChunkSize;
   std::vector<double> part(static_cast<size_t>(b * nchunk * 3), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "freelb_reduce", [&] {
     const scalar_t* dp = delta.data_ptr<scalar_t>();
@@ -350,11 +341,11 @@ at::Tensor freelb_reduce_cpu(const at::Tensor& delta, const at::Tensor& grad, bo
     at::parallel_for(0, b * nchunk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t s = t / nchunk, c = t % nchunk;
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+        const int64_t lo = c * kChunkSize, hi = std::min(n, lo + kChunkSize);
         const scalar_t* ds = dp + s * n;
         const scalar_t* gs = gp + s * n;
         double* pp = part.data() + 3 * t;
-        using A = acc_t<scalar_t>;
+        using A = opmath_t<scalar_t>;
         // kLanes accumulators in the acc type per chunk (vectorisable); chunks combine in double
         if (linf) {
           A m[kLanes] = {}, z[kLanes] = {};
@@ -409,8 +400,7 @@ at::Tensor freelb_reduce_cpu(const at::Tensor& delta, const at::Tensor& grad, bo
     for (int64_t c = 0; c < nchunk; ++c) {
       const double* pp = part.data() + 3 * (s * nchunk + c);
       if (linf) {
-        acc[0] = (std::isnan(pp[0]) || std::isnan(acc[0])) ? std::numeric_limits<double>::quiet_NaN()
-                                                           : std::max(acc[0], pp[0]);
+        acc[0] = nan_max(pp[0], acc[0]);  // a chunk's NaN is quiet_NaN(): the same bits either way
       } else {
         for (int k = 0; k < 3; ++k) acc[k] += pp[k];
       }
@@ -429,9 +419,9 @@ void freelb_update_cpu(const at::Tensor& delta, const at::Tensor& grad, const at
   auto g = grad.contiguous();
   auto st = stats.contiguous();
   const float* sp = st.data_ptr<float>();
-  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  const int64_t nchunk = (n + kChunkSize - 1) / kChunkSize;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "freelb_update_", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     scalar_t* dp = delta.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const A lra = static_cast<A>(lr), mx = static_cast<A>(max_norm);
@@ -439,7 +429,7 @@ void freelb_update_cpu(const at::Tensor& delta, const at::Tensor& grad, const at
     at::parallel_for(0, b * nchunk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t s = t / nchunk, c = t % nchunk;
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+        const int64_t lo = c * kChunkSize, hi = std::min(n, lo + kChunkSize);
         scalar_t* ds = dp + s * n;
         const scalar_t* gs = gp + s * n;
         const A s0 = static_cast<A>(sp[3 * s]);

@@ -12,11 +12,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
+
+#include "common/checks.h"
+#include "common/kernel_math.h"
 
 namespace fused_adv {
 namespace cpu {
@@ -25,7 +26,7 @@ namespace cpu {
 // and therefore every result, are identical with 1 or N threads.  32768 fp32 elements = 128 KiB
 // per stream: three streams (P, G, B) of one chunk stay in L2 between the backup copy and the
 // update that re-reads P.
-constexpr int64_t kChunk = int64_t{1} << 15;
+constexpr int64_t kChunkSize = int64_t{1} << 15;
 // Calls touching fewer elements than this in total run on the calling thread: forking the
 // OpenMP team costs a few microseconds, more than the work itself.
 constexpr int64_t kSerialBelow = int64_t{1} << 16;
@@ -51,8 +52,8 @@ inline ChunkPlan plan_chunks(at::TensorList tensors) {
     plan.first.push_back(static_cast<int64_t>(plan.chunks.size()));
     const int64_t n = tensors[i].numel();
     plan.total += n;
-    for (int64_t b = 0; b < n; b += kChunk) {
-      plan.chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    for (int64_t b = 0; b < n; b += kChunkSize) {
+      plan.chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunkSize)});
     }
   }
   plan.first.push_back(static_cast<int64_t>(plan.chunks.size()));
@@ -80,60 +81,6 @@ template <typename F>
 void dispatch_float(at::ScalarType st, const F& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_adv_cpu",
                                   [&] { f(static_cast<scalar_t*>(nullptr)); });
-}
-
-// NaN-propagating max / min (torch.maximum / torch.minimum semantics, unlike std::max).
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : (a > b ? a : b);
-}
-template <typename T>
-inline T nan_min(T a, T b) {
-  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : (a < b ? a : b);
-}
-
-// The zero/NaN guard of every norm-scaled step: n != 0 and n is not NaN (+inf passes).
-inline bool norm_ok(float n) { return n != 0.f && !std::isnan(n); }
-
-// Argument checks shared by every op: one CPU device, floating dtypes, contiguous, and entry i
-// of every list with the shape and dtype of entry i of the first.
-inline void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
-  const auto& head = *lists.begin();
-  const size_t n = head.second.size();
-  for (const auto& lst : lists) {
-    TORCH_CHECK(lst.second.size() == n, "fused_adv::", op, ": got ", n, " ", head.first, " but ",
-                lst.second.size(), " ", lst.first);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& t = lst.second[i];
-      const at::Tensor& h = head.second[i];
-      TORCH_CHECK(t.device().is_cpu(), "fused_adv::", op, ": ", lst.first, "[", i,
-                  "] is on ", t.device(), "; the cpu kernel needs cpu tensors");
-      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                      t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-                  "fused_adv::", op, ": ", lst.first, "[", i, "] has dtype ", t.scalar_type(),
-                  "; expected float32, float64, float16 or bfloat16");
-      TORCH_CHECK(t.is_contiguous(), "fused_adv::", op, ": ", lst.first, "[", i, "] must be contiguous");
-      TORCH_CHECK(t.sizes() == h.sizes() && t.scalar_type() == h.scalar_type(), "fused_adv::", op,
-                  ": ", lst.first, "[", i, "] is ", t.sizes(), " ", t.scalar_type(), " but ", head.first,
-                  "[", i, "] is ", h.sizes(), " ", h.scalar_type());
-    }
-  }
-}
-
-// A per-tensor float32 scalar vector (grad_sumsq, param_sumsq) or [N, 3] matrix (PGD stats).
-inline const float* check_scalars(const char* op, const char* name, const at::Tensor& t, int64_t n,
-                                  int64_t cols = 0) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "fused_adv::", op, ": ", name, " must be a contiguous float32 cpu tensor, got ",
-              t.scalar_type(), " on ", t.device());
-  if (cols == 0) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fused_adv::", op, ": ", name, " must have shape [",
-                n, "], got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cols, "fused_adv::", op, ": ", name,
-                " must have shape [", n, ", ", cols, "], got ", t.sizes());
-  }
-  return t.data_ptr<float>();
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // CPU kernels of the weight-space ops (FGM, FGSM, PGD, AWP): TORCH_LIBRARY_IMPL(fused_adv, CPU).
 //
-// The math is the one stated by fused_adv/_torch/weight.py, element for element:
+// The math is the one stated by fused_adv/_torch/weight.py, element for element; the per-tensor
+// factors, guards and element steps are csrc/common/kernel_math.h's (shared with csrc/cuda):
 // * element math in float32 (float64 for double tensors), rounded once to P's dtype on store;
 //   AWP's box is rounded to P's dtype after each op (e = adv_eps*|B|, lo = B-e, hi = B+e);
 // * per-tensor factors are computed in float32 from the float32 norm tensors, in the same
@@ -24,16 +25,27 @@ namespace fused_adv {
 namespace cpu {
 namespace {
 
-template <typename T>
-using opmath = at::opmath_type<T>;  // float for half/bfloat16/float, double for double
+using common::awp_factors;
+using common::awp_step;
+using common::fgm_factors;
+using common::fgm_step;
+using common::fgsm_step;
+using common::opmath_t;
+using common::pgd_factors;
+using common::pgd_step;
+using common::StepFactors;
 
 template <typename T>
-inline opmath<T> up(T x) {
-  return static_cast<opmath<T>>(x);
-}
-template <typename T>
 inline double up64(T x) {
-  return static_cast<double>(static_cast<opmath<T>>(x));
+  return static_cast<double>(static_cast<opmath_t<T>>(x));
+}
+
+// Argument checks of this file's ops: CPU tensors (csrc/common/checks.h).
+void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  common::check_lists(op, c10::DeviceType::CPU, lists);
+}
+const float* check_scalars(const char* op, const char* name, const at::Tensor& t, int64_t n, int64_t cols = 0) {
+  return common::check_scalars(op, name, t, c10::Device(c10::DeviceType::CPU), n, cols);
 }
 
 // ---- reductions --------------------------------------------------------------------------
@@ -44,7 +56,7 @@ inline double up64(T x) {
 // steps), then flushed to the double accumulators: float32 multiply-adds are 4 per SSE op instead
 // of 2 with no conversion to double (31 MB fp32, 1 thread on the CI VM: 5.7 -> 5.2 ms, torch.sum
 // 3.5-4.0 ms; the rest is memory).  Eight fp32 additions per flush cost < 1e-6 relative, far below the
-// float32 result's own rounding budget in the tests (and DESIGN.md allows fp32 accumulation).
+// float32 result's own rounding budget in the tests (and docs/design.md §3 (Op contract) allows fp32 accumulation).
 template <typename T>
 double chunk_sumsq(const T* __restrict__ x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -266,26 +278,21 @@ void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   check_lists("fgm_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
   const int64_t N = static_cast<int64_t>(params.size());
   const float* gsq = check_scalars("fgm_perturb_", "grad_sumsq", grad_sumsq, N);
-  // factor = epsilon / ||G|| (torch backend: reciprocal(n) * epsilon), 0 when guarded off.
-  std::vector<float> factor(N);
-  std::vector<char> ok(N);
-  for (int64_t i = 0; i < N; ++i) {
-    const float n = std::sqrt(gsq[i]);
-    ok[i] = norm_ok(n);
-    factor[i] = ok[i] ? (1.f / n) * static_cast<float>(epsilon) : 0.f;
-  }
+  // per-tensor factor and guard (csrc/common/kernel_math.h), once per call
+  std::vector<StepFactors> fac(N);
+  for (int64_t i = 0; i < N; ++i) fac[i] = fgm_factors(gsq[i], static_cast<float>(epsilon));
   const auto plan = plan_chunks(params);
   for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
     const int64_t i = ch.tensor;
     if (write_backup) copy_chunk(backups[i], params[i], ch);  // taken even when skipped
-    if (!ok[i]) return;
+    if (!fac[i].ok) return;
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const opmath<T> f = static_cast<opmath<T>>(factor[i]);
-      // n = +inf passes the guard: f = 0, so finite entries add 0 and inf entries give NaN.
-      update_lines<false>(p, g, p, ch.end - ch.begin, [f](T pv, T gv, T) { return static_cast<T>(up(pv) + up(gv) * f); });
+      const opmath_t<T> c = static_cast<opmath_t<T>>(fac[i].c);
+      // n = +inf passes the guard: c = 0, so finite entries add 0 and inf entries give NaN.
+      update_lines<false>(p, g, p, ch.end - ch.begin, [c](T pv, T gv, T) { return fgm_step(pv, gv, c); });
     });
   });
 }
@@ -299,16 +306,10 @@ void fgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     if (write_backup) copy_chunk(backups[i], params[i], ch);
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      using M = opmath<T>;
       T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const M eps = static_cast<M>(epsilon);
-      // sign as torch.sign computes it: (0 < g) - (g < 0), so sign(NaN) = 0 and sign(-0) = 0.
-      update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gt, T) {
-        const M gv = up(gt);
-        const M s = static_cast<M>(M(0) < gv) - static_cast<M>(gv < M(0));
-        return static_cast<T>(up(pv) + eps * s);
-      });
+      const opmath_t<T> eps = static_cast<opmath_t<T>>(epsilon);
+      update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gv, T) { return fgsm_step(pv, gv, eps); });
     });
   });
 }
@@ -318,38 +319,25 @@ void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   check_lists("pgd_perturb_", {{"params", params}, {"grads", grads}, {"backups", backups}});
   const int64_t N = static_cast<int64_t>(params.size());
   const float* st = check_scalars("pgd_perturb_", "stats", stats, N, 3);
-  // Per tensor, as the torch backend: c = alpha/||G||; ||r||^2 = dd + 2c*dg + c^2*gg (clamped
-  // at 0, NaN kept); s = eps/||r|| when ||r|| > eps else 1.  P = B + s*((P - B) + c*G).
-  std::vector<float> cs(N), ss(N);
-  std::vector<char> ok(N);
-  const float a = static_cast<float>(alpha), e = static_cast<float>(epsilon);
+  // per-tensor factors and guard (csrc/common/kernel_math.h); d = P - B = 0 on the first step
+  std::vector<StepFactors> fac(N);
   for (int64_t i = 0; i < N; ++i) {
-    const float gg = st[3 * i], dg = first ? 0.f : st[3 * i + 1], dd = first ? 0.f : st[3 * i + 2];
-    const float n = std::sqrt(gg);
-    ok[i] = norm_ok(n);
-    const float c = ok[i] ? (1.f / n) * a : 0.f;
-    float r2 = (dd + (2.f * c) * dg) + (c * c) * gg;
-    r2 = r2 < 0.f ? 0.f : r2;  // clamp_min(0); NaN stays NaN
-    const float r = std::sqrt(r2);
-    cs[i] = c;
-    ss[i] = (ok[i] && r > e) ? (1.f / r) * e : 1.f;
+    fac[i] = pgd_factors(st[3 * i], first ? 0.f : st[3 * i + 1], first ? 0.f : st[3 * i + 2],
+                         static_cast<float>(alpha), static_cast<float>(epsilon));
   }
   const auto plan = plan_chunks(params);
   for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
     const int64_t i = ch.tensor;
     if (first) copy_chunk(backups[i], params[i], ch);
-    if (!ok[i]) return;  // skipped: P bit for bit, no projection this step
+    if (!fac[i].ok) return;  // skipped: P bit for bit, no projection this step
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      using M = opmath<T>;
+      using M = opmath_t<T>;
       T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
-      const M c = static_cast<M>(cs[i]), s = static_cast<M>(ss[i]);
-      update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bt) {
-        const M bv = up(bt);
-        return static_cast<T>(bv + s * ((up(pv) - bv) + c * up(gv)));
-      });
+      const M c = static_cast<M>(fac[i].c), s = static_cast<M>(fac[i].s);
+      update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bv) { return pgd_step(pv, gv, bv, c, s); });
     });
   });
 }
@@ -361,36 +349,22 @@ void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const int64_t N = static_cast<int64_t>(params.size());
   const float* gsq = check_scalars("awp_perturb_", "grad_sumsq", grad_sumsq, N);
   const float* psq = check_scalars("awp_perturb_", "param_sumsq", param_sumsq, N);
-  // factor = adv_lr * (||P|| + 1e-6) / (||G|| + 1e-6), float32, torch backend's op order.
-  std::vector<float> factor(N);
-  std::vector<char> ok(N);
-  for (int64_t i = 0; i < N; ++i) {
-    const float n1 = std::sqrt(gsq[i]), n2 = std::sqrt(psq[i]);
-    ok[i] = norm_ok(n1);
-    factor[i] = ok[i] ? (static_cast<float>(adv_lr) * (n2 + 1e-6f)) / (n1 + 1e-6f) : 0.f;
-  }
+  // per-tensor factor and guard (csrc/common/kernel_math.h)
+  std::vector<StepFactors> fac(N);
+  for (int64_t i = 0; i < N; ++i) fac[i] = awp_factors(gsq[i], psq[i], static_cast<float>(adv_lr));
   const auto plan = plan_chunks(params);
   for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
     const int64_t i = ch.tensor;
     if (first) copy_chunk(backups[i], params[i], ch);  // every tensor, guarded or not
-    if (!ok[i]) return;                                // skipped: no step, no clamp
+    if (!fac[i].ok) return;                            // skipped: no step, no clamp
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      using M = opmath<T>;
+      using M = opmath_t<T>;
       T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
-      const M f = static_cast<M>(factor[i]);
-      const M ae = static_cast<M>(adv_eps);
-      update_lines<true>(p, g, b, ch.end - ch.begin, [f, ae](T pv, T gv, T bt) {
-        // The box as the reference computes it in P's dtype: each op rounded to T.
-        const M bv = up(bt);
-        const M ev = up(static_cast<T>(ae * std::abs(bv)));
-        const M lo = up(static_cast<T>(bv - ev));
-        const M hi = up(static_cast<T>(bv + ev));
-        const M v = up(pv) + up(gv) * f;
-        return static_cast<T>(nan_min(nan_max(v, lo), hi));
-      });
+      const M c = static_cast<M>(fac[i].c), ae = static_cast<M>(adv_eps);
+      update_lines<true>(p, g, b, ch.end - ch.begin, [c, ae](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c, ae); });
     });
   });
 }

@@ -7,7 +7,7 @@
 // sum in fixed order.  Guards (‖g‖ finite) live in device memory and are read by the kernels:
 // no host sync.  Everything runs on the current stream of the tensors' device.
 //
-// Conventions (DESIGN.md section 4): no ATen/cuda/CUDAContext.h; c10/cuda headers only.
+// Conventions (docs/design.md §4 (Build)): no ATen/cuda/CUDAContext.h; c10/cuda headers only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,20 +20,20 @@
 
 #include <type_traits>
 
+#include "common/checks.h"
+#include "common/kernel_math.h"
+
 namespace fused_adv {
 namespace {
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using common::clamp_keep_nan;
+using common::last_dim;
+using common::nan_max;
+using common::opmath_t;
+using common::opmath_type_of;
+using common::rows_of;
 
 constexpr int kMaxThreads = 1024;
-
-int64_t last_dim(const at::Tensor& t) { return t.dim() ? t.size(-1) : 1; }
-int64_t rows_of(const at::Tensor& t) {
-  const int64_t h = last_dim(t);
-  return h ? t.numel() / h : 0;
-}
-at::ScalarType acc_type_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // threads per row-block: enough for ~4 elements per thread, a multiple of 32, at most 1024
 int row_threads(int64_t h) {
@@ -42,10 +42,7 @@ int row_threads(int64_t h) {
   return static_cast<int>(t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t));
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fused_adv (cuda): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), "fused_adv (cuda): ", name, " must be contiguous");
-}
+void check_cuda(const at::Tensor& t, const char* name) { common::check_input(t, name, c10::DeviceType::CUDA); }
 
 // ---------------------------------------------------------------- reductions
 template <typename A>
@@ -55,14 +52,10 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// max that propagates NaN (as torch.amax)
-template <typename A>
-__device__ __forceinline__ A nan_max(A x, A y) { return (y != y || y > x) ? y : x; }
-
 template <typename A>
 __device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(__shfl_xor_sync(0xffffffffu, v, o), v);
   return v;
 }
 
@@ -83,9 +76,6 @@ __device__ A block_reduce(A v, A* shm) {
   __syncthreads();  // shm may be reused right after
   return r;
 }
-
-template <typename A>
-__device__ __forceinline__ A clamp_keep_nan(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // ---------------------------------------------------------------- kernels
 template <typename T, typename A>
@@ -148,7 +138,7 @@ __global__ void row_stats_kernel(const T* __restrict__ x, float* __restrict__ st
   A m = 0, s = 0;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
     const A v = static_cast<A>(xr[j]);
-    m = nan_max(m, v < A(0) ? -v : v);
+    m = nan_max(v < A(0) ? -v : v, m);
     s += v * v;
   }
   m = block_reduce<A, true>(m, shm);
@@ -200,7 +190,7 @@ __global__ void smart_update_kernel(T* __restrict__ noise, const T* __restrict__
   A m = 0;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
     const A v = static_cast<A>(nr[j]) + static_cast<A>(gr[j]) * step;
-    m = nan_max(m, v < A(0) ? -v : v);
+    m = nan_max(v < A(0) ? -v : v, m);
   }
   const A den = block_reduce<A, true>(m, shm) + eps;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x)
@@ -208,14 +198,14 @@ __global__ void smart_update_kernel(T* __restrict__ noise, const T* __restrict__
 }
 
 constexpr int kFreeLBThreads = 256;
-constexpr int64_t kChunk = 8192;  // elements per (chunk, sample) block
+constexpr int64_t kChunkSize = 8192;  // elements per (chunk, sample) block
 
 template <typename T, typename A>
 __global__ void freelb_reduce_kernel(const T* __restrict__ delta, const T* __restrict__ grad, A* __restrict__ part,
                                      int64_t n, int64_t nchunk, bool linf) {
   __shared__ A shm[32];
   const int64_t c = blockIdx.x, s = blockIdx.y;
-  const int64_t lo = c * kChunk, hi = min(n, lo + kChunk);
+  const int64_t lo = c * kChunkSize, hi = min(n, lo + kChunkSize);
   const T* ds = delta + s * n;
   const T* gs = grad + s * n;
   A* pp = part + 3 * (s * nchunk + c);
@@ -223,7 +213,7 @@ __global__ void freelb_reduce_kernel(const T* __restrict__ delta, const T* __res
     A m = 0;
     for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
       const A g = static_cast<A>(gs[j]);
-      m = nan_max(m, g < A(0) ? -g : g);
+      m = nan_max(g < A(0) ? -g : g, m);
     }
     m = block_reduce<A, true>(m, shm);
     if (threadIdx.x == 0) {
@@ -254,7 +244,7 @@ template <typename T, typename A>
 __global__ void freelb_update_kernel(T* __restrict__ delta, const T* __restrict__ grad, const float* __restrict__ stats,
                                      int64_t n, A lr, A max_norm, bool linf) {
   const int64_t c = blockIdx.x, s = blockIdx.y;
-  const int64_t lo = c * kChunk, hi = min(n, lo + kChunk);
+  const int64_t lo = c * kChunkSize, hi = min(n, lo + kChunkSize);
   T* ds = delta + s * n;
   const T* gs = grad + s * n;
   const A s0 = static_cast<A>(stats[3 * s]);
@@ -283,7 +273,7 @@ __global__ void freelb_update_kernel(T* __restrict__ delta, const T* __restrict_
 }
 
 // ---------------------------------------------------------------- launchers
-at::Tensor ok_flag(const at::Tensor& stats) {
+at::Tensor grad_ok(const at::Tensor& stats) {
   // ‖g‖ finite <=> the sum of the per-row squares is finite; stays on the device
   return at::isfinite(stats.select(1, 1).sum()).to(at::kInt).reshape({1});
 }
@@ -294,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_delta_fwd_cuda(const at::Tenso
   check_cuda(x, "x");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t h = last_dim(x), rows = rows_of(x);
-  const auto acc = acc_type_of(x.scalar_type());
+  const auto acc = opmath_type_of(x.scalar_type());
   auto out = at::empty_like(x);
   auto mean = at::empty({rows}, x.options().dtype(acc));
   auto rstd = at::empty({rows}, x.options().dtype(acc));
@@ -304,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_delta_fwd_cuda(const at::Tenso
   if (rows == 0) return {out, mean, rstd};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ln_delta_fwd_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     ln_fwd_kernel<scalar_t, A><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
         x.data_ptr<scalar_t>(), has_delta ? d.data_ptr<A>() : nullptr, out.data_ptr<scalar_t>(),
         mean.data_ptr<A>(), rstd.data_ptr<A>(), h, static_cast<A>(eps));
@@ -318,7 +308,7 @@ at::Tensor ln_delta_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, co
   check_cuda(x, "x");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t h = last_dim(x), rows = rows_of(x);
-  const auto acc = acc_type_of(x.scalar_type());
+  const auto acc = opmath_type_of(x.scalar_type());
   auto g = grad_out.to(x.scalar_type()).contiguous();
   auto mu = mean.to(acc).contiguous();
   auto rs = rstd.to(acc).contiguous();
@@ -326,7 +316,7 @@ at::Tensor ln_delta_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, co
   if (rows == 0) return dx;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ln_delta_bwd_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     ln_bwd_kernel<scalar_t, A><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
         g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mu.data_ptr<A>(), rs.data_ptr<A>(),
         dx.data_ptr<scalar_t>(), h);
@@ -343,7 +333,7 @@ at::Tensor row_absmax_sumsq_cuda(const at::Tensor& x) {
   if (rows == 0) return stats;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_absmax_sumsq_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     row_stats_kernel<scalar_t, A><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
         x.data_ptr<scalar_t>(), stats.data_ptr<float>(), h);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -363,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> sift_perturb_cuda(const at::Tensor& xhat, con
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xhat.scalar_type(), "sift_perturb_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     sift_perturb_kernel<scalar_t, A><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         xhat.data_ptr<scalar_t>(), nz.data_ptr<float>(), delta.data_ptr<float>(), out.data_ptr<scalar_t>(), n,
         static_cast<float>(bound));
@@ -384,13 +374,13 @@ at::Tensor sift_update_cuda(const at::Tensor& delta, const at::Tensor& grad, con
   auto st = stats.contiguous();
   auto out = at::empty_like(xh);
   if (rows == 0) return out;
-  auto ok = ok_flag(st);
+  auto ok = grad_ok(st);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "sift_update_cuda", [&] {
     using D = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xh.scalar_type(), "sift_update_out_cuda", [&] {
       using X = scalar_t;
-      sift_update_kernel<D, X, acc_t<X>><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
+      sift_update_kernel<D, X, opmath_t<X>><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
           delta.data_ptr<D>(), g.data_ptr<D>(), xh.data_ptr<X>(), st.data_ptr<float>(), ok.data_ptr<int>(),
           out.data_ptr<X>(), h, static_cast<D>(lr));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -405,11 +395,11 @@ at::Tensor smart_update_cuda(const at::Tensor& noise, const at::Tensor& grad, co
   c10::cuda::CUDAGuard guard(noise.device());
   const int64_t h = last_dim(noise), rows = rows_of(noise);
   auto g = grad.contiguous();
-  auto ok = ok_flag(stats.contiguous());
+  auto ok = grad_ok(stats.contiguous());
   if (rows > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, noise.scalar_type(), "smart_update_cuda", [&] {
-      using A = acc_t<scalar_t>;
+      using A = opmath_t<scalar_t>;
       smart_update_kernel<scalar_t, A><<<static_cast<unsigned>(rows), row_threads(h), 0, stream>>>(
           noise.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), ok.data_ptr<int>(), h, static_cast<A>(step_size),
           static_cast<A>(epsilon));
@@ -426,13 +416,13 @@ at::Tensor freelb_reduce_cuda(const at::Tensor& delta, const at::Tensor& grad, b
   const int64_t n = b ? delta.numel() / b : 0;
   if (b == 0 || n == 0) return at::zeros({b, 3}, delta.options().dtype(at::kFloat));
   auto g = grad.contiguous();
-  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  const int64_t nchunk = (n + kChunkSize - 1) / kChunkSize;
   TORCH_CHECK(b <= 65535, "fused_adv (cuda): freelb_reduce supports at most 65535 samples");
-  const auto acc = acc_type_of(delta.scalar_type());
+  const auto acc = opmath_type_of(delta.scalar_type());
   auto part = at::empty({b, nchunk, 3}, delta.options().dtype(acc));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "freelb_reduce_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(b));
     freelb_reduce_kernel<scalar_t, A><<<grid, kFreeLBThreads, 0, stream>>>(
         delta.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), part.data_ptr<A>(), n, nchunk, linf);
@@ -456,10 +446,10 @@ void freelb_update_cuda(const at::Tensor& delta, const at::Tensor& grad, const a
   TORCH_CHECK(b <= 65535, "fused_adv (cuda): freelb_update_ supports at most 65535 samples");
   auto g = grad.contiguous();
   auto st = stats.contiguous();
-  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  const int64_t nchunk = (n + kChunkSize - 1) / kChunkSize;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "freelb_update_cuda", [&] {
-    using A = acc_t<scalar_t>;
+    using A = opmath_t<scalar_t>;
     dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(b));
     freelb_update_kernel<scalar_t, A><<<grid, kFreeLBThreads, 0, stream>>>(
         delta.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), st.data_ptr<float>(), n, static_cast<A>(lr),

@@ -1,9 +1,9 @@
 // Apex-style multi-tensor launcher for the fused_adv CUDA kernels.
 //
-// Every tensor of a call is cut into CHUNK-element chunks; each CUDA block processes one chunk.
+// Every tensor of a call is cut into kChunkSize-element chunks; each CUDA block processes one chunk.
 // The table that maps a block to its (tensor, chunk) travels as a kernel argument (no device
-// allocation, no host-to-device copy, no sync), so one launch serves up to MAX_BLOCKS chunks of up
-// to MAX_TENSORS[DEPTH] tensors and a call over 100 small tensors costs one launch per phase.
+// allocation, no host-to-device copy, no sync), so one launch serves up to kMaxBlocks chunks of up
+// to kMaxTensors[DEPTH] tensors and a call over 100 small tensors costs one launch per phase.
 // The per-element math lives in functors (weight.cu), apart from this launch bookkeeping.
 //
 // Reductions are two-phase and deterministic: block b of a launch writes one partial to slot
@@ -20,39 +20,42 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/kernel_math.h"
+
 namespace fused_adv {
 namespace cuda {
 
-constexpr int BLOCK = 512;                      // threads per block
-constexpr int64_t CHUNK = int64_t{1} << 16;     // elements per block (multiple of every VEC)
-constexpr int MAX_BLOCKS = 320;                 // blocks per launch (apex's table size)
+constexpr int kBlockThreads = 512;                      // threads per block
+constexpr int64_t kChunkSize = int64_t{1} << 16;     // elements per block (multiple of every VEC)
+constexpr int kMaxBlocks = 320;                 // blocks per launch (apex's table size)
 // Tensors per launch by list depth: apex's numbers, which keep the kernel argument below the
 // 4 KB limit that every CUDA version and architecture accepts.
-constexpr int MAX_TENSORS[5] = {110, 64, 48, 36, 30};
+constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
 
 template <int DEPTH>
 struct TensorListMeta {
-  void* addresses[DEPTH][MAX_TENSORS[DEPTH - 1]];  // list k, tensor t: base pointer
-  int64_t sizes[MAX_TENSORS[DEPTH - 1]];           // numel of tensor t
-  int32_t index[MAX_TENSORS[DEPTH - 1]];           // position of tensor t in the op's lists
-  unsigned char block_to_tensor[MAX_BLOCKS];       // block b works on tensor block_to_tensor[b]
-  int32_t block_to_chunk[MAX_BLOCKS];              // ... and on its chunk block_to_chunk[b]
+  void* addresses[DEPTH][kMaxTensors[DEPTH - 1]];  // list k, tensor t: base pointer
+  int64_t sizes[kMaxTensors[DEPTH - 1]];           // numel of tensor t
+  int32_t index[kMaxTensors[DEPTH - 1]];           // position of tensor t in the op's lists
+  unsigned char block_to_tensor[kMaxBlocks];       // block b works on tensor block_to_tensor[b]
+  int32_t block_to_chunk[kMaxBlocks];              // ... and on its chunk block_to_chunk[b]
   int64_t slot_base;                               // reduction slot of block 0 of this launch
 };
 
 // A functor is called once per block: f(meta, t, begin, n, slot) with t the table entry,
 // [begin, begin + n) the chunk's elements and slot the block's reduction slot.
 template <int DEPTH, typename Functor>
-__global__ void __launch_bounds__(BLOCK) multi_tensor_kernel(TensorListMeta<DEPTH> meta, Functor f) {
+__global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(TensorListMeta<DEPTH> meta, Functor f) {
   const int t = meta.block_to_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * CHUNK;
+  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.sizes[t] - begin;
-  const int64_t n = left < CHUNK ? left : CHUNK;
+  const int64_t n = left < kChunkSize ? left : kChunkSize;
   f(meta, t, begin, n, meta.slot_base + blockIdx.x);
 }
 
 // Number of reduction slots (= blocks) tensor of `numel` elements uses.
-inline int64_t chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
+inline int64_t chunks_of(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
 // Launches f over the tensors `which` (indices into the lists; all of one dtype) of the DEPTH
 // lists, as few launches as the table allows.  Blocks get consecutive reduction slots starting
@@ -68,7 +71,7 @@ int64_t multi_tensor_apply(const std::vector<at::TensorList>& lists, const std::
   meta.slot_base = slot_base;
   int loc_tensor = 0, loc_block = 0;
   auto launch = [&]() {
-    multi_tensor_kernel<DEPTH, Functor><<<loc_block, BLOCK, 0, stream>>>(meta, f);
+    multi_tensor_kernel<DEPTH, Functor><<<loc_block, kBlockThreads, 0, stream>>>(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     slot_base += loc_block;
     meta.slot_base = slot_base;
@@ -86,8 +89,8 @@ int64_t multi_tensor_apply(const std::vector<at::TensorList>& lists, const std::
       meta.block_to_tensor[loc_block] = static_cast<unsigned char>(loc_tensor - 1);
       meta.block_to_chunk[loc_block] = static_cast<int32_t>(c);
       ++loc_block;
-      const bool tensors_full = loc_tensor == MAX_TENSORS[DEPTH - 1] && c == chunks - 1;
-      const bool blocks_full = loc_block == MAX_BLOCKS;
+      const bool tensors_full = loc_tensor == kMaxTensors[DEPTH - 1] && c == chunks - 1;
+      const bool blocks_full = loc_block == kMaxBlocks;
       if (tensors_full || blocks_full) {
         launch();
         if (c == chunks - 1) {
@@ -109,7 +112,7 @@ int64_t multi_tensor_apply(const std::vector<at::TensorList>& lists, const std::
 // Sums v[k] over the block with a fixed shuffle tree; the result is valid in thread 0.
 template <int NV>
 __device__ inline void block_sum(float (&v)[NV]) {
-  __shared__ float shared[NV][BLOCK / 32];
+  __shared__ float shared[NV][kBlockThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -133,17 +136,17 @@ __device__ inline void block_sum(float (&v)[NV]) {
 }
 
 // Per-tensor slot ranges for finish_kernel (kernel argument, 200 tensors per launch).
-constexpr int FINISH_TENSORS = 200;
+constexpr int kFinishTensors = 200;
 struct FinishMeta {
-  int64_t base[FINISH_TENSORS];   // first slot of the tensor
-  int32_t count[FINISH_TENSORS];  // number of slots (0 for an empty tensor: result 0)
-  int32_t index[FINISH_TENSORS];  // row of the output
+  int64_t base[kFinishTensors];   // first slot of the tensor
+  int32_t count[kFinishTensors];  // number of slots (0 for an empty tensor: result 0)
+  int32_t index[kFinishTensors];  // row of the output
 };
 
 // out[index * WIDTH + k] = sum of partials[(base + j) * WIDTH + k] over the tensor's slots j,
 // one block per tensor, fixed order.
 template <int WIDTH>
-__global__ void __launch_bounds__(BLOCK) finish_kernel(const float* __restrict__ partials, float* __restrict__ out,
+__global__ void __launch_bounds__(kBlockThreads) finish_kernel(const float* __restrict__ partials, float* __restrict__ out,
                                                       FinishMeta meta) {
   const int t = blockIdx.x;
   float v[WIDTH];
@@ -166,15 +169,15 @@ void finish(const at::Tensor& partials, const at::Tensor& out, const std::vector
             const std::vector<int64_t>& count) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = static_cast<int64_t>(base.size());
-  for (int64_t start = 0; start < n; start += FINISH_TENSORS) {
+  for (int64_t start = 0; start < n; start += kFinishTensors) {
     FinishMeta meta;
-    const int64_t m = std::min<int64_t>(FINISH_TENSORS, n - start);
+    const int64_t m = std::min<int64_t>(kFinishTensors, n - start);
     for (int64_t k = 0; k < m; ++k) {
       meta.base[k] = base[start + k];
       meta.count[k] = static_cast<int32_t>(count[start + k]);
       meta.index[k] = static_cast<int32_t>(start + k);
     }
-    finish_kernel<WIDTH><<<static_cast<unsigned>(m), BLOCK, 0, stream>>>(
+    finish_kernel<WIDTH><<<static_cast<unsigned>(m), kBlockThreads, 0, stream>>>(
         partials.const_data_ptr<float>(), out.data_ptr<float>(), meta);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -1,10 +1,13 @@
 // CUDA kernels of the weight-space ops (FGM, FGSM, PGD, AWP): TORCH_LIBRARY_IMPL(fused_adv, CUDA).
 //
-// Same math as fused_adv/_torch/weight.py and csrc/cpu/weight.cpp, element for element:
+// Same math as fused_adv/_torch/weight.py and csrc/cpu/weight.cpp, element for element; the
+// per-tensor factors, guards and element steps are csrc/common/kernel_math.h's (shared with
+// csrc/cpu, compiled here for the device):
 // * element math in float32 (float64 for double tensors), rounded once to P's dtype on store;
 //   AWP's box rounded to P's dtype after each op (e = adv_eps*|B|, lo = B-e, hi = B+e);
-// * every multiply and add is explicitly rounded (__fmul_rn / __fadd_rn): no FMA contraction,
-//   so results equal the CPU kernels' bit for bit (which are built with -ffp-contract=off);
+// * every multiply and add is explicitly rounded (kernel_math.h's mul_rn / add_rn are __fmul_rn /
+//   __fadd_rn here): no FMA contraction, so results equal the CPU kernels' bit for bit (which are
+//   built with -ffp-contract=off);
 // * per-tensor factors are computed on the device from the float32 norm tensors, in every block
 //   (a few flops): the zero/NaN guard never reaches the host, nothing syncs;
 // * reductions: fp32 (fp64 for double) per thread, a fixed shuffle tree per block, one partial
@@ -19,31 +22,15 @@ namespace fused_adv {
 namespace cuda {
 namespace {
 
-template <typename T>
-using opmath = at::opmath_type<T>;  // float for half/bfloat16/float, double for double
-
-// Correctly rounded multiply / add that the compiler may not fuse into an FMA.
-__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ inline float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ inline double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-__device__ inline float abs_(float a) { return fabsf(a); }
-__device__ inline double abs_(double a) { return fabs(a); }
-
-// NaN-propagating max / min (torch.maximum / torch.minimum).
-template <typename M>
-__device__ inline M nan_max(M a, M b) {
-  return (a != a) ? a : (b != b) ? b : (a > b ? a : b);
-}
-template <typename M>
-__device__ inline M nan_min(M a, M b) {
-  return (a != a) ? a : (b != b) ? b : (a < b ? a : b);
-}
-
-// The zero/NaN guard of every norm-scaled step: n != 0 and n is not NaN (+inf passes).
-__device__ inline bool norm_ok(float n) { return n != 0.f && !(n != n); }
+using common::awp_factors;
+using common::awp_step;
+using common::fgm_factors;
+using common::fgm_step;
+using common::fgsm_step;
+using common::opmath_t;
+using common::pgd_factors;
+using common::pgd_step;
+using common::StepFactors;
 
 // True if two 16-byte vectors differ in any bit (integer compare: -0 and NaN payloads count).
 template <typename VT>
@@ -62,7 +49,7 @@ __device__ inline T* entry(const TensorListMeta<DEPTH>& meta, int list, int t, i
 // One chunk of an update: for every element, if `backup`, b <- p (old value, bit-exact); then,
 // if `apply`, p <- op(p_old, g, b_old) where b_old is the freshly copied p when `backup`, else
 // read from b when `read_b`.  128-bit loads/stores when all three pointers are 16-byte aligned
-// (CHUNK is a multiple of every vector width, so chunks of an aligned tensor stay aligned).
+// (kChunkSize is a multiple of every vector width, so chunks of an aligned tensor stay aligned).
 template <typename T, typename Op>
 __device__ inline void update_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, int64_t n,
                                     bool backup, bool apply, bool read_b, const Op& op) {
@@ -106,7 +93,7 @@ template <typename T>
 struct SumsqFunctor {
   float* partials;  // one float per block slot
   __device__ void operator()(const TensorListMeta<1>& meta, int t, int64_t begin, int64_t n, int64_t slot) const {
-    using M = opmath<T>;
+    using M = opmath_t<T>;
     constexpr int V = VecOf<T>::N;
     using VT = typename VecOf<T>::type;
     const T* x = entry<T>(meta, 0, t, begin);
@@ -136,7 +123,7 @@ struct PgdReduceFunctor {
   float* partials;  // 3 floats per block slot
   bool first;
   __device__ void operator()(const TensorListMeta<3>& meta, int t, int64_t begin, int64_t n, int64_t slot) const {
-    using M = opmath<T>;
+    using M = opmath_t<T>;
     constexpr int V = VecOf<T>::N;
     using VT = typename VecOf<T>::type;
     const T* p = entry<T>(meta, 0, t, begin);
@@ -192,15 +179,12 @@ struct FgmFunctor {
   float epsilon;
   bool write_backup;
   __device__ void operator()(const TensorListMeta<3>& meta, int t, int64_t begin, int64_t n, int64_t) const {
-    using M = opmath<T>;
-    const float nrm = sqrtf(grad_sumsq[meta.index[t]]);
-    const bool ok = norm_ok(nrm);  // n = +inf passes: factor 0, inf entries become NaN
-    // torch backend: epsilon / n is reciprocal(n) * epsilon (Tensor.__rtruediv__)
-    const M f = static_cast<M>(ok ? __fmul_rn(__frcp_rn(nrm), epsilon) : 0.f);
+    using M = opmath_t<T>;
+    // per-tensor factor and guard (csrc/common/kernel_math.h), in every block: no host sync
+    const StepFactors fac = fgm_factors(grad_sumsq[meta.index[t]], epsilon);
+    const M c = static_cast<M>(fac.c);
     update_chunk(entry<T>(meta, 0, t, begin), entry<T>(meta, 1, t, begin), entry<T>(meta, 2, t, begin), n,
-                 write_backup, ok, false, [f](T pv, T gv, T) {
-                   return static_cast<T>(add_rn(static_cast<M>(pv), mul_rn(static_cast<M>(gv), f)));
-                 });
+                 write_backup, fac.ok, false, [c](T pv, T gv, T) { return fgm_step(pv, gv, c); });
   }
 };
 
@@ -209,15 +193,10 @@ struct FgsmFunctor {
   double epsilon;
   bool write_backup;
   __device__ void operator()(const TensorListMeta<3>& meta, int t, int64_t begin, int64_t n, int64_t) const {
-    using M = opmath<T>;
+    using M = opmath_t<T>;
     const M eps = static_cast<M>(epsilon);
     update_chunk(entry<T>(meta, 0, t, begin), entry<T>(meta, 1, t, begin), entry<T>(meta, 2, t, begin), n,
-                 write_backup, true, false, [eps](T pv, T gv, T) {
-                   const M x = static_cast<M>(gv);
-                   // torch.sign: (0 < g) - (g < 0), so sign(NaN) = 0
-                   const M s = static_cast<M>(M(0) < x) - static_cast<M>(x < M(0));
-                   return static_cast<T>(add_rn(static_cast<M>(pv), mul_rn(eps, s)));
-                 });
+                 write_backup, true, false, [eps](T pv, T gv, T) { return fgsm_step(pv, gv, eps); });
   }
 };
 
@@ -227,25 +206,15 @@ struct PgdFunctor {
   float alpha, epsilon;
   bool first;
   __device__ void operator()(const TensorListMeta<3>& meta, int t, int64_t begin, int64_t n, int64_t) const {
-    using M = opmath<T>;
+    using M = opmath_t<T>;
     const int64_t i = meta.index[t];
-    const float gg = stats[3 * i], dg = first ? 0.f : stats[3 * i + 1], dd = first ? 0.f : stats[3 * i + 2];
-    const float nrm = sqrtf(gg);
-    const bool ok = norm_ok(nrm);
-    const float c = ok ? __fmul_rn(__frcp_rn(nrm), alpha) : 0.f;
-    // ||r||^2 = dd + 2c*dg + c^2*gg, clamped at 0 (NaN kept), as the torch backend orders it
-    float r2 = __fadd_rn(__fadd_rn(dd, __fmul_rn(__fmul_rn(2.f, c), dg)), __fmul_rn(__fmul_rn(c, c), gg));
-    r2 = r2 < 0.f ? 0.f : r2;
-    const float r = sqrtf(r2);
-    const float s = (ok && r > epsilon) ? __fmul_rn(__frcp_rn(r), epsilon) : 1.f;
-    const M cm = static_cast<M>(c), sm = static_cast<M>(s);
+    // d = P - B = 0 on the first step (B is not read)
+    const StepFactors fac = pgd_factors(stats[3 * i], first ? 0.f : stats[3 * i + 1], first ? 0.f : stats[3 * i + 2],
+                                        alpha, epsilon);
+    const M c = static_cast<M>(fac.c), s = static_cast<M>(fac.s);
     // skipped tensors (ok false) keep P bit for bit; the backup is still written on `first`
     update_chunk(entry<T>(meta, 0, t, begin), entry<T>(meta, 1, t, begin), entry<T>(meta, 2, t, begin), n,
-                 first, ok, true, [cm, sm](T pv, T gv, T bv) {
-                   const M b = static_cast<M>(bv);
-                   const M step = add_rn(sub_rn(static_cast<M>(pv), b), mul_rn(cm, static_cast<M>(gv)));
-                   return static_cast<T>(add_rn(b, mul_rn(sm, step)));
-                 });
+                 first, fac.ok, true, [c, s](T pv, T gv, T bv) { return pgd_step(pv, gv, bv, c, s); });
   }
 };
 
@@ -257,22 +226,12 @@ struct AwpFunctor {
   double adv_eps;
   bool first;
   __device__ void operator()(const TensorListMeta<3>& meta, int t, int64_t begin, int64_t n, int64_t) const {
-    using M = opmath<T>;
+    using M = opmath_t<T>;
     const int64_t i = meta.index[t];
-    const float n1 = sqrtf(grad_sumsq[i]), n2 = sqrtf(param_sumsq[i]);
-    const bool ok = norm_ok(n1);
-    const float f = ok ? __fdiv_rn(__fmul_rn(adv_lr, __fadd_rn(n2, 1e-6f)), __fadd_rn(n1, 1e-6f)) : 0.f;
-    const M fm = static_cast<M>(f), ae = static_cast<M>(adv_eps);
+    const StepFactors fac = awp_factors(grad_sumsq[i], param_sumsq[i], adv_lr);
+    const M c = static_cast<M>(fac.c), ae = static_cast<M>(adv_eps);
     update_chunk(entry<T>(meta, 0, t, begin), entry<T>(meta, 1, t, begin), entry<T>(meta, 2, t, begin), n,
-                 first, ok, true, [fm, ae](T pv, T gv, T bv) {
-                   // the box as the reference computes it in P's dtype: each op rounded to T
-                   const M b = static_cast<M>(bv);
-                   const M e = static_cast<M>(static_cast<T>(mul_rn(ae, abs_(b))));
-                   const M lo = static_cast<M>(static_cast<T>(sub_rn(b, e)));
-                   const M hi = static_cast<M>(static_cast<T>(add_rn(b, e)));
-                   const M v = add_rn(static_cast<M>(pv), mul_rn(static_cast<M>(gv), fm));
-                   return static_cast<T>(nan_min(nan_max(v, lo), hi));
-                 });
+                 first, fac.ok, true, [c, ae](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c, ae); });
   }
 };
 
@@ -291,44 +250,13 @@ struct CopyFunctor {
 };
 
 // ---- host side ---------------------------------------------------------------------------
+// Argument checks of this file's ops: CUDA tensors on one device (csrc/common/checks.h).
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
-  const auto& head = *lists.begin();
-  const size_t n = head.second.size();
-  TORCH_CHECK(n > 0, "fused_adv::", op, ": empty tensor lists are handled by fused_adv.ops");
-  const c10::Device device = head.second[0].device();
-  for (const auto& lst : lists) {
-    TORCH_CHECK(lst.second.size() == n, "fused_adv::", op, ": got ", n, " ", head.first, " but ",
-                lst.second.size(), " ", lst.first);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& t = lst.second[i];
-      const at::Tensor& h = head.second[i];
-      TORCH_CHECK(t.device() == device, "fused_adv::", op, ": ", lst.first, "[", i, "] is on ", t.device(),
-                  ", ", head.first, "[0] on ", device, "; one call serves one CUDA device");
-      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
-                      t.scalar_type() == at::kBFloat16,
-                  "fused_adv::", op, ": ", lst.first, "[", i, "] has dtype ", t.scalar_type(),
-                  "; expected float32, float64, float16 or bfloat16");
-      TORCH_CHECK(t.is_contiguous(), "fused_adv::", op, ": ", lst.first, "[", i, "] must be contiguous");
-      TORCH_CHECK(t.sizes() == h.sizes() && t.scalar_type() == h.scalar_type(), "fused_adv::", op, ": ", lst.first,
-                  "[", i, "] is ", t.sizes(), " ", t.scalar_type(), " but ", head.first, "[", i, "] is ",
-                  h.sizes(), " ", h.scalar_type());
-    }
-  }
+  common::check_lists(op, c10::DeviceType::CUDA, lists);
 }
-
 const float* check_scalars(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
                            int64_t n, int64_t cols = 0) {
-  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == at::kFloat && t.is_contiguous(), "fused_adv::", op,
-              ": ", name, " must be a contiguous float32 tensor on ", like.device(), ", got ", t.scalar_type(),
-              " on ", t.device());
-  if (cols == 0) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fused_adv::", op, ": ", name, " must have shape [", n, "], got ",
-                t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cols, "fused_adv::", op, ": ", name,
-                " must have shape [", n, ", ", cols, "], got ", t.sizes());
-  }
-  return t.const_data_ptr<float>();
+  return common::check_scalars(op, name, t, like.device(), n, cols);
 }
 
 // Tensor indices grouped by dtype (one launch sequence per dtype), groups in order of first
