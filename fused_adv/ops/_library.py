@@ -151,9 +151,11 @@ def register(families: Iterable[OpFamily]) -> None:
 
 
 def has_native(name: str, device_type: str) -> bool:
+    """Whether fused_adv._C registered a kernel for op ``name`` on ``device_type`` ("cpu"/"cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return (f"{NAMESPACE}::{name}", key) in NATIVE
 
 
 def extension_built_with_cuda() -> bool:
+    """Whether fused_adv._C is loaded and was compiled with its CUDA kernels."""
     return EXTENSION is not None and bool(getattr(EXTENSION, "built_with_cuda", lambda: False)())

@@ -266,6 +266,7 @@ def _fake_freelb_reduce(delta, grad, linf):
 def _fake_freelb_update_(delta, grad, stats, lr, max_norm, linf):
     return None
 
+
 # ----------------------------------------------------------------------------- family record
 FAMILY = OpFamily(
     name="activation",
