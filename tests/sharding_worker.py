@@ -240,6 +240,31 @@ def scenario_fsdp2(rank, world):
     chk.raise_if_any()
 
 
+def scenario_hsdp(rank, world):
+    """HSDP as fully_shard builds it on a 2-D (replicate=1, shard=2) mesh: placements
+    (Replicate(), Shard(0)); the statistics are reduced over the shard dim only, once per phase."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+    from fused_adv.sharding import ShardingLayout
+    chk, counter = Checks(), CallCounter()
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    model = Tiny()
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(100 + rank)
+    model(torch.randint(0, 5, (3, 4))).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    chk.true("HSDP placements", all(tuple(p.placements) == (Replicate(), Shard(0)) for p in params))
+    full_p = [full(p).clone() for p in params]
+    full_g = [(full(g) if g is not None else None) for g in grads]
+    loc = ShardingLayout(model).localize(params, grads)
+    chk.equal("one process group (the shard dim)", len(loc.plan.groups), 1)
+    check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "hsdp")
+    chk.raise_if_any()
+
+
 def scenario_hsdp_tp(rank, world):
     """A 2-D (1, 2) mesh: HSDP placements (Replicate, Shard(0)), TP Shard(1) / Replicate
     parameters, and one sharded over both dims: one collective per mesh-dim group that shards
@@ -394,7 +419,7 @@ def scenario_fsdp1(rank, world):
     chk.raise_if_any()
 
 
-SCENARIOS = {"fsdp2": scenario_fsdp2, "hsdp_tp": scenario_hsdp_tp, "partial": scenario_partial,
+SCENARIOS = {"fsdp2": scenario_fsdp2, "hsdp": scenario_hsdp, "hsdp_tp": scenario_hsdp_tp, "partial": scenario_partial,
              "fsdp1": scenario_fsdp1}
 
 

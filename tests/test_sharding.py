@@ -11,6 +11,8 @@ result on both ranks.  What they check:
   (1e-6 relative; the dot product relative to ||P-B|| ||G||), with exactly one all_reduce per
   phase; the local pieces share the DTensor's storage; FGM written into them is the full-tensor
   FGM; restore is bit-exact.
+* hsdp: fully_shard on a 2-D (replicate, shard) mesh, placements (Replicate(), Shard(0)): the
+  same reductions over the shard dim only, one all_reduce per phase.
 * hsdp_tp: a (1, 2) mesh with HSDP (Replicate, Shard(0)), TP Shard(1) and Replicate, a tensor
   sharded on both mesh dims and one held by one rank: one all_reduce per process group that
   shards something, replicated tensors not summed.
