@@ -130,8 +130,7 @@ class ShardingLayout:
         self._model = None if model is None else weakref.ref(model)
         self._fsdp1: dict[int, _Fsdp1Info] = {}
         self._fsdp2 = False
-        self._plan_key = None
-        self._plan = None
+        self._plans: dict = {}  # key -> _Plan; a handful of live patterns per method (see localize)
         self.refresh()
 
     def refresh(self) -> None:
@@ -221,11 +220,21 @@ class ShardingLayout:
         live = [i for i, (lp, lg) in enumerate(zip(locals_, local_grads)) if lg is not None and lp.numel() > 0]
         device = locals_[0].device if locals_ else torch.device("cpu")
         key = (n, tuple(live), tuple(tuple(id(g) for g in gs) for gs in slot_groups), device)
-        if key != self._plan_key:
-            self._plan = _Plan.build(n, live, slot_groups, device)
-            self._plan_key = key
+        # Plans are cached: building one copies index tensors to the device, which must not
+        # happen every step.  Keys differ by live pattern (FGM vs PGD's later steps, AWP's
+        # shrinking selection); the cache is bounded so a pathological caller cannot grow it.
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.build(n, live, slot_groups, device)
         return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
-                         grads=[local_grads[i] for i in live], plan=self._plan)
+                         grads=[local_grads[i] for i in live], plan=plan)
+
+    def pieces(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The local piece of each parameter (what :attr:`Localized.locals` holds), without a
+        reduction plan: for restore, which writes the backups back and reduces nothing."""
+        return self.localize(params, [None] * len(params)).locals if params else []
 
     @staticmethod
     def _label(names, i: int) -> str:
@@ -315,12 +324,28 @@ class _Plan:
                     rows[id(g)] = []
                 rows[id(g)].append(i)
         all_live = live == list(range(n_slots))
-        live_idx = None if all_live else torch.tensor(live, dtype=torch.long, device=device)
+        live_idx = None if all_live else _index(live, device)
         groups = []
         for g in order:
             r = rows[id(g)]
-            groups.append((g, None if len(r) == n_slots else torch.tensor(r, dtype=torch.long, device=device)))
+            groups.append((g, None if len(r) == n_slots else _index(r, device)))
         return _Plan(n_slots, live_idx, device, groups)
+
+
+_MAX_PLANS = 16
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """An int64 index tensor on ``device``.  For CUDA it is staged in pinned memory and copied
+    without blocking (a pageable host-to-device copy would synchronize the stream); the pinned
+    source is kept alive by the returned tensor's ``_fused_adv_src`` attribute."""
+    cpu = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return cpu.to(device)
+    cpu = cpu.pin_memory()
+    out = cpu.to(device, non_blocking=True)
+    out._fused_adv_src = cpu
+    return out
 
 
 _NO_REDUCTION = _Plan(0, None, None, [])

@@ -209,6 +209,10 @@ def scenario_fsdp2(rank, world):
     # A plan is reused: a second localize builds no new index tensors but the same reductions.
     loc2 = layout.localize(params, grads)
     chk.true("plan cached", loc2.plan is loc.plan)
+    pieces = layout.pieces(params)
+    chk.true("pieces() are the same local pieces",
+             all(a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip(pieces, loc.locals)))
+    chk.true("plan still cached after pieces()", layout.localize(params, grads).plan is loc.plan)
 
     # FGM on the local pieces; the full weights must be P + eps*G/||G|| of the full tensors.
     eps = 0.5

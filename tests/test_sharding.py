@@ -85,7 +85,7 @@ def test_unsharded_is_free():
     """Plain tensors (single process, DDP): local pieces are the parameters, reduce() returns
     the very same tensor and issues no collective."""
     from fused_adv import ops
-    from fused_adv.sharding import localize
+    from fused_adv.sharding import ShardingLayout, localize
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     grads = [torch.randn(3, 2), None]
     loc = localize(params, grads)
@@ -93,6 +93,7 @@ def test_unsharded_is_free():
     assert loc.locals[0].data_ptr() == params[0].data_ptr()
     stats = ops.multi_tensor_sumsq(loc.grads)
     assert loc.reduce(stats) is stats
+    assert [t.data_ptr() for t in ShardingLayout().pieces(params)] == [p.data_ptr() for p in params]
     torch.testing.assert_close(stats, grads[0].pow(2).sum().reshape(1))
 
 
