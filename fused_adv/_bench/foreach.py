@@ -20,11 +20,11 @@ def _params(model, name: str) -> list[torch.Tensor]:
     return [p for n, p in model.named_parameters() if p.requires_grad and name in n]
 
 
-def _guarded(params, new, norms):
-    """``new[i]`` where the i-th gradient norm is neither 0 nor NaN, else ``params[i]`` (the
-    community skip rule, evaluated on the device)."""
-    ok = [(n != 0) & ~n.isnan() for n in norms]
-    return [torch.where(k, a, p) for k, a, p in zip(ok, new, params)]
+def _set_guarded(P, new, norms) -> None:
+    """``P[i] = new[i]`` where the i-th gradient norm is neither 0 nor NaN, else P[i] is left as
+    it is (the community skip rule, evaluated on the device; written in place)."""
+    for p, a, n in zip(P, new, norms):
+        torch.where((n != 0) & ~n.isnan(), a, p, out=p)
 
 
 class FGM:
@@ -36,16 +36,18 @@ class FGM:
         self.epsilon = epsilon
         self.backup = [torch.empty_like(p) for p in self.params]
 
-    def _step(self, P, G):
+    def _step(self, P, G) -> None:
         norms = torch._foreach_norm(G)
-        return _guarded(P, torch._foreach_add(P, torch._foreach_div(torch._foreach_mul(G, self.epsilon), norms)),
-                        norms)
+        r = torch._foreach_mul(G, self.epsilon)
+        torch._foreach_div_(r, norms)
+        torch._foreach_add_(r, P)  # P + r (IEEE addition commutes: the community's add_)
+        _set_guarded(P, r, norms)
 
     def attack(self) -> None:
         torch._foreach_copy_(self.backup, [p.detach() for p in self.params])
-        P = [p.detach() for p in self.params if p.grad is not None]
-        if P:
-            torch._foreach_copy_(P, self._step(P, [p.grad for p in self.params if p.grad is not None]))
+        with_grad = [p for p in self.params if p.grad is not None]
+        if with_grad:
+            self._step([p.detach() for p in with_grad], [p.grad for p in with_grad])
 
     def restore(self) -> None:
         torch._foreach_copy_([p.detach() for p in self.params], self.backup)
@@ -54,8 +56,10 @@ class FGM:
 class FGSM(FGM):
     """P <- P + epsilon * sign(G) (docs/methods.md §2 (FGSM)); no guard."""
 
-    def _step(self, P, G):
-        return torch._foreach_add(P, torch._foreach_mul(torch._foreach_sign(G), self.epsilon))
+    def _step(self, P, G) -> None:
+        r = torch._foreach_sign(G)
+        torch._foreach_mul_(r, self.epsilon)
+        torch._foreach_add_(P, r)
 
 
 class PGD:
@@ -78,11 +82,17 @@ class PGD:
             return
         P, G, B = [self.params[i].detach() for i in idx], [self.params[i].grad for i in idx], [self.backup[i] for i in idx]
         gn = torch._foreach_norm(G)
-        R = torch._foreach_sub(torch._foreach_add(P, torch._foreach_div(torch._foreach_mul(G, self.alpha), gn)), B)
+        R = torch._foreach_mul(G, self.alpha)
+        torch._foreach_div_(R, gn)
+        torch._foreach_add_(R, P)
+        torch._foreach_sub_(R, B)                    # r = (P + alpha * G / ||G||) - B
         rn = torch._foreach_norm(R)
-        R = [torch.where(n > self.epsilon, r, q) for n, r, q in
-             zip(rn, torch._foreach_div(torch._foreach_mul(R, self.epsilon), rn), R)]
-        torch._foreach_copy_(P, _guarded(P, torch._foreach_add(B, R), gn))
+        scaled = torch._foreach_mul(R, self.epsilon)
+        torch._foreach_div_(scaled, rn)              # epsilon * r / ||r||
+        for r, s, n in zip(R, scaled, rn):
+            torch.where(n > self.epsilon, s, r, out=r)
+        torch._foreach_add_(R, B)                    # B + r
+        _set_guarded(P, R, gn)
 
     def restore(self) -> None:
         torch._foreach_copy_([p.detach() for p in self.params], self.backup)
@@ -98,9 +108,9 @@ class PGD:
 
 
 class AWP:
-    """``attack_step()`` / ``restore()`` (and ``attack_backward`` with a free forward/backward,
-    for the benchmark's stand-in model) on the parameters whose name contains ``adv_param`` and
-    that have a gradient (docs/methods.md §4 (AWP (Kaggle))):
+    """``attack_step()`` / ``restore()`` (and ``attack_backward`` with the Kaggle adversarial
+    pass) on the parameters whose name contains ``adv_param`` and that have a gradient
+    (docs/methods.md §4 (AWP (Kaggle))):
     P <- clamp(P + adv_lr * G / (||G|| + 1e-6) * (||P|| + 1e-6), B -+ adv_eps * |B|).
     The box is recomputed from the backup at each step (the same values the community class
     keeps as two extra copies)."""
@@ -123,12 +133,16 @@ class AWP:
         P = [self.params[i].detach() for i in self.active]
         G, B = [self.params[i].grad for i in self.active], [self.backup[i] for i in self.active]
         gn, pn = torch._foreach_norm(G), torch._foreach_norm(P)
-        r = torch._foreach_mul(torch._foreach_div(torch._foreach_mul(G, self.adv_lr), torch._foreach_add(gn, 1e-6)),
-                               torch._foreach_add(pn, 1e-6))
-        e = torch._foreach_mul(torch._foreach_abs(B), self.adv_eps)
-        new = torch._foreach_minimum(torch._foreach_maximum(torch._foreach_add(P, r), torch._foreach_sub(B, e)),
-                                     torch._foreach_add(B, e))
-        torch._foreach_copy_(P, _guarded(P, new, gn))
+        r = torch._foreach_mul(G, self.adv_lr)
+        torch._foreach_div_(r, torch._foreach_add(gn, 1e-6))
+        torch._foreach_mul_(r, torch._foreach_add(pn, 1e-6))
+        torch._foreach_add_(r, P)                    # P + adv_lr * G / (|G| + e) * (|P| + e)
+        e = torch._foreach_abs(B)
+        torch._foreach_mul_(e, self.adv_eps)         # adv_eps * |B|
+        torch._foreach_maximum_(r, torch._foreach_sub(B, e))
+        torch._foreach_add_(e, B)                    # the upper bound B + adv_eps * |B|, in place
+        torch._foreach_minimum_(r, e)
+        _set_guarded(P, r, gn)
 
     def restore(self) -> None:
         torch._foreach_copy_([self.params[i].detach() for i in self.active], [self.backup[i] for i in self.active])
