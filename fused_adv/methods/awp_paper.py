@@ -1,0 +1,237 @@
+"""Fused drop-in for the AWP paper's ``AdvWeightPerturb`` (docs/methods.md §4b (AWP (paper))).
+
+Same call forms as the paper's class (``calc_awp(inputs_adv, targets)``, ``perturb(diff)``,
+``restore(diff)``), same numbers, fewer passes and, without a proxy, one model copy less:
+
+* ``calc_awp`` ends in ONE multi-tensor reduction (||W||^2 and ||D||^2 of every perturbed weight
+  in one launch); the diff ||W||/(||Delta|| + 1e-20) * Delta is never materialised: ``perturb`` and
+  ``restore`` are each ONE pass ``W <- W -+ gamma * round(f * D)`` with the per-tensor factor f
+  computed on the device from those statistics (no host sync).
+* ``proxy=None``: with plain SGD the proxy's step is Delta = lr * grad CE(W) (the paper's proxy
+  takes one SGD step on -CE), so the proxy model is arithmetic that can be skipped: the gradient is
+  taken on the model itself (``torch.autograd.grad``, the model's ``.grad`` untouched) and Delta
+  is exact instead of the difference of two nearly equal weights (no cancellation).  Saves the
+  proxy's parameters and gradients.  Equal to the proxy version within the proxy's own
+  cancellation error (tests/test_awp_paper.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_adv import ops
+from fused_adv._torch.weight_ext import awp_paper_factor
+from fused_adv.methods._common import AttackStateError, data_of
+
+
+def perturbed_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the paper perturbs: name contains 'weight' and dim > 1 (no biases, no
+    LayerNorm/BatchNorm weights), each once (tied weights under their first name)."""
+    return [(n, p) for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
+
+
+class AWPDiff(Mapping):
+    """What :meth:`AdvWeightPerturb.calc_awp` returns: a read-only mapping name -> diff tensor, like
+    the paper's OrderedDict, that stores only the direction D of each weight and the per-tensor
+    statistics.  ``diff[name]`` materialises ``round(f * D)`` (a new tensor, for inspection);
+    ``perturb`` / ``restore`` never do."""
+
+    def __init__(self, owner, names, params, dirs, param_sumsq, dir_sumsq, scale: float):
+        self.owner = owner
+        self.names = list(names)
+        self.params = list(params)
+        self.dirs = list(dirs)
+        self.param_sumsq = param_sumsq
+        self.dir_sumsq = dir_sumsq
+        self.scale = float(scale)
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        i = self._index[name]
+        d = self.dirs[i]
+        math = torch.float64 if d.dtype == torch.float64 else torch.float32
+        f = awp_paper_factor(self.param_sumsq[i:i + 1], self.dir_sumsq[i:i + 1], self.scale)[0]
+        return (d.to(math) * f.to(math)).to(d.dtype)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def nbytes(self) -> int:
+        """Bytes held by the directions (one copy of the perturbed weights)."""
+        return sum(d.numel() * d.element_size() for d in self.dirs)
+
+
+class AdvWeightPerturb:
+    """``AdvWeightPerturb(model, proxy=None, proxy_optim=None, gamma=0.01, *, proxy_lr=0.01,
+    backend='auto')``: fused drop-in for fused_adv.reference.AdvWeightPerturb.
+
+    With ``proxy`` and ``proxy_optim`` (the paper's call form) the proxy step is taken exactly as
+    the paper does (any optimizer).  With ``proxy=None`` the proxy is skipped: the ascent direction
+    is the gradient of the loss on the model itself and Delta = ``proxy_lr`` * gradient, which is
+    what the paper's proxy with ``torch.optim.SGD(lr=proxy_lr)`` (no momentum, no weight decay)
+    computes.  Train loop, as the paper's::
+
+        diff = awp.calc_awp(x_adv, y)      # or calc_awp(closure=lambda m: m(**batch).loss)
+        awp.perturb(diff)
+        loss = F.cross_entropy(model(x_adv), y); opt.zero_grad(); loss.backward(); opt.step()
+        awp.restore(diff)                  # after the optimizer step (not bit-exact by design)
+
+    ``with awp.perturbed(diff): ...`` restores also when the block raises.
+    """
+
+    def __init__(self, model: nn.Module, proxy: nn.Module | None = None, proxy_optim=None, gamma: float = 0.01,
+                 *, proxy_lr: float = 0.01, backend: str = "auto"):
+        """Stores the arguments; allocates nothing.  Raises ValueError when exactly one of ``proxy``
+        and ``proxy_optim`` is given, when ``proxy`` is ``model``, or when ``model`` has no weight
+        of dim > 1 whose name contains 'weight'."""
+        if (proxy is None) != (proxy_optim is None):
+            raise ValueError("AdvWeightPerturb: pass both proxy and proxy_optim (the paper's form), or neither "
+                             "(proxy=None: the proxy step is computed from the gradient, with proxy_lr)")
+        if proxy is model and proxy is not None:
+            raise ValueError("AdvWeightPerturb: proxy must be a separate copy of the model (or None)")
+        if not perturbed_weights(model):
+            raise ValueError(f"AdvWeightPerturb: {type(model).__name__} has no parameter whose name contains "
+                             "'weight' with dim > 1; the paper's AWP would perturb nothing")
+        self.model = model
+        self.proxy = proxy
+        self.proxy_optim = proxy_optim
+        self.gamma = gamma
+        self.proxy_lr = proxy_lr
+        self.backend = backend
+        self._perturbed: AWPDiff | Mapping | None = None
+
+    # ------------------------------------------------------------------ calc_awp
+    def _loss(self, module: nn.Module, inputs_adv, targets, closure: Callable | None) -> torch.Tensor:
+        if closure is None:
+            return F.cross_entropy(module(inputs_adv), targets)
+        return closure(module)
+
+    def calc_awp(self, inputs_adv=None, targets=None, *, closure: Callable | None = None) -> AWPDiff:
+        """The adversarial weight direction at the current weights.
+
+        The loss is ``F.cross_entropy(m(inputs_adv), targets)`` (``m(x)`` returns logits) or
+        ``closure(m)`` (a scalar tensor; e.g. ``lambda m: m(**batch).loss``), with m the proxy
+        (loaded from the model, put in train mode, one ``proxy_optim`` step on -loss) or, when
+        ``proxy=None``, the model itself in train mode (its mode is put back; its ``.grad`` is not
+        touched).  Returns an :class:`AWPDiff` (name -> diff).  The model's weights are not changed.
+        Raises ValueError for both or neither of (inputs_adv, targets) and ``closure``;
+        AttackStateError while the model is perturbed (restore first)."""
+        by_inputs = inputs_adv is not None or targets is not None
+        if (closure is not None and by_inputs) or (closure is None and (inputs_adv is None or targets is None)):
+            raise ValueError("calc_awp: pass inputs_adv and targets (cross-entropy of model(inputs_adv)), or "
+                             "closure= (a function of the module returning the loss), not both")
+        if self._perturbed is not None:
+            raise AttackStateError("AdvWeightPerturb.calc_awp() while the model is perturbed: call restore(diff) "
+                                   "first (the direction must be taken at the unperturbed weights)")
+        chosen = perturbed_weights(self.model)
+        names = [n for n, _ in chosen]
+        params = data_of(p for _, p in chosen)
+        if self.proxy is not None:
+            self.proxy.load_state_dict(self.model.state_dict())
+            self.proxy.train()
+            loss = -self._loss(self.proxy, inputs_adv, targets, closure)
+            self.proxy_optim.zero_grad()
+            loss.backward()
+            self.proxy_optim.step()
+            proxy_params = dict(self.proxy.named_parameters())
+            missing = [n for n in names if n not in proxy_params]
+            if missing:
+                raise ValueError(f"calc_awp: the proxy has no parameter named {missing[0]!r}; the proxy must be "
+                                 "the model's architecture")
+            with torch.no_grad():
+                dirs = list(torch._foreach_sub([proxy_params[n].detach() for n in names], params))
+            scale = 1.0
+        else:
+            live = [(n, p) for n, p in chosen if p.requires_grad]
+            was_training = self.model.training
+            self.model.train()
+            try:
+                loss = self._loss(self.model, inputs_adv, targets, closure)
+            finally:
+                self.model.train(was_training)
+            grads = torch.autograd.grad(loss, [p for _, p in live], allow_unused=True)
+            # a weight the loss does not reach (or a frozen one) has Delta = 0: diff 0, left out
+            kept = [(n, p, g) for (n, p), g in zip(live, grads) if g is not None]
+            names = [n for n, _, _ in kept]
+            params = data_of(p for _, p, _ in kept)
+            dirs = [g if g.is_contiguous() else g.contiguous() for _, _, g in kept]
+            scale = float(self.proxy_lr)
+        stats = ops.multi_tensor_sumsq(params + dirs, backend=self.backend)
+        n = len(params)
+        return AWPDiff(self, names, params, dirs, stats[:n], stats[n:], scale)
+
+    # ------------------------------------------------------------------ perturb / restore
+    def _apply(self, diff, coeff: float) -> None:
+        if isinstance(diff, AWPDiff):
+            if diff.owner is not self:
+                raise ValueError("AdvWeightPerturb: this diff was computed by another AdvWeightPerturb")
+            ops.awp_paper_add_(diff.params, diff.dirs, diff.param_sumsq, diff.dir_sumsq, diff.scale, coeff,
+                               backend=self.backend)
+            return
+        if not isinstance(diff, Mapping):
+            raise TypeError(f"AdvWeightPerturb: diff must be what calc_awp returns (or a mapping name -> tensor), "
+                            f"got {type(diff).__name__}")
+        named = dict(self.model.named_parameters())
+        unknown = [k for k in diff if k not in named]
+        if unknown:
+            raise ValueError(f"AdvWeightPerturb: diff names {unknown[:3]} are not parameters of the model")
+        # a plain mapping (e.g. the reference's diff): the paper's add_into_weights
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in diff:
+                    param.add_(coeff * diff[name])
+
+    def perturb(self, diff) -> None:
+        """Model weights += gamma * diff, in place (one pass for an :class:`AWPDiff`).  Raises
+        AttackStateError when already perturbed (restore first); ValueError / TypeError for a diff
+        that is not this object's or names unknown parameters."""
+        if self._perturbed is not None:
+            raise AttackStateError("AdvWeightPerturb.perturb() twice without restore()")
+        self._apply(diff, 1.0 * self.gamma)
+        self._perturbed = diff
+
+    def restore(self, diff=None) -> None:
+        """Model weights -= gamma * diff (call it after the optimizer step, as the paper does; the
+        result is the stepped weights less the perturbation, not bit-exact by design).  ``diff``
+        defaults to the one perturbed with.  Raises AttackStateError without a prior perturb and
+        ValueError for a diff other than the one perturbed with."""
+        if self._perturbed is None:
+            raise AttackStateError("AdvWeightPerturb.restore() without a prior perturb()")
+        if diff is not None and diff is not self._perturbed:
+            raise ValueError("AdvWeightPerturb.restore(diff): not the diff the model was perturbed with")
+        diff = self._perturbed
+        self._apply(diff, -1.0 * self.gamma)
+        self._perturbed = None
+
+    @contextlib.contextmanager
+    def perturbed(self, diff):
+        """``perturb(diff)`` on entry, ``restore(diff)`` on exit, also when the block raises."""
+        self.perturb(diff)
+        try:
+            yield self
+        finally:
+            self.restore(diff)
+
+    @property
+    def is_attacked(self) -> bool:
+        """True between perturb and restore."""
+        return self._perturbed is not None
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes held for the perturbation while perturbed: the directions (one copy of the perturbed
+        weights), plus, with a proxy, the proxy's parameters and gradients."""
+        held = self._perturbed.nbytes() if isinstance(self._perturbed, AWPDiff) else 0
+        if self.proxy is not None:
+            for p in self.proxy.parameters():
+                held += p.numel() * p.element_size()
+                if p.grad is not None:
+                    held += p.grad.numel() * p.grad.element_size()
+        return held
