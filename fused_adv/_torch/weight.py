@@ -11,6 +11,8 @@ triton) implements; keep them in step.  Per tensor i (P param, G grad, B backup)
   is SELECTED unchanged (P stays bit for bit), not multiplied by a zero factor: 0 * NaN = NaN.
 
 No function here syncs the host.  Backups are written by ``copy_`` so they are bit-exact.
+Helper names match the kernels' (csrc/common/kernel_math.h, fused_adv/_triton/kernel_math.py):
+``_opmath`` (opmath_t), ``norm_ok``; the per-tensor factors are the kernels' ``*_factors``.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from torch import Tensor
 _EMPTY_F32 = dict(dtype=torch.float32)
 
 
-def _acc(t: Tensor) -> Tensor:
-    """t in its accumulation dtype: float64 stays float64, everything else becomes float32."""
+def _opmath(t: Tensor) -> Tensor:
+    """t in its math dtype (opmath_t in csrc/common/kernel_math.h): float64 stays float64,
+    everything else becomes float32."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _guard(n: Tensor) -> Tensor:
+def norm_ok(n: Tensor) -> Tensor:
+    """The zero/NaN guard of every norm-scaled step: n != 0 and n is not NaN (+inf passes)."""
     return (n != 0) & ~torch.isnan(n)
 
 
@@ -52,13 +56,13 @@ def pgd_reduce(params: list[Tensor], grads: list[Tensor], backups: list[Tensor],
         return torch.empty(0, 3, **_EMPTY_F32)
     rows = []
     for p, g, b in zip(params, grads, backups):
-        g32 = _acc(g).reshape(-1)
+        g32 = _opmath(g).reshape(-1)
         gg = torch.dot(g32, g32).float()
         if first:
             zero = gg.new_zeros(())
             rows.append(torch.stack([gg, zero, zero]))
             continue
-        d = (_acc(p) - _acc(b)).reshape(-1)
+        d = (_opmath(p) - _opmath(b)).reshape(-1)
         rows.append(torch.stack([gg, torch.dot(d, g32).float(), torch.dot(d, d).float()]))
     return torch.stack(rows)
 
@@ -69,18 +73,18 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
     if write_backup:
         torch._foreach_copy_(backups, params)
     n = grad_sumsq.sqrt()
-    ok = _guard(n)
+    ok = norm_ok(n)
     # n = +inf is not skipped: factor 0, so finite entries get 0 and inf entries NaN (0*inf),
     # as the community class's eps*G/inf does.
     factor = torch.where(ok, epsilon / n, torch.zeros_like(n))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        if write_backup and _acc(p) is p:
+        if write_backup and _opmath(p) is p:
             # In place, no temporaries: P += f*G, then select the old P (= B) where skipped.
             # (fp32/fp64 only: in-place addcmul would round f to an fp16/bf16 P's dtype.)
             p.addcmul_(g, factor[i])
             torch.where(ok[i], p, b, out=p)
         else:
-            p.copy_(torch.where(ok[i], _acc(p) + _acc(g) * factor[i], p))
+            p.copy_(torch.where(ok[i], _opmath(p) + _opmath(g) * factor[i], p))
 
 
 def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) -> None:
@@ -89,10 +93,10 @@ def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool) ->
     if write_backup:
         torch._foreach_copy_(backups, params)
     for p, g in zip(params, grads):
-        if _acc(p) is p:
+        if _opmath(p) is p:
             p.add_(torch.sign(g), alpha=epsilon)
         else:  # fp32 math: add_(alpha=) would round epsilon to fp16/bf16 first
-            p.copy_(_acc(p) + epsilon * torch.sign(_acc(g)))
+            p.copy_(_opmath(p) + epsilon * torch.sign(_opmath(g)))
 
 
 def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: float, first: bool) -> None:
@@ -110,19 +114,19 @@ def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: f
     if first:  # d = 0 exactly: B was just copied from P
         dg, dd = torch.zeros_like(dg), torch.zeros_like(dd)
     n = gg.sqrt()
-    ok = _guard(n)
+    ok = norm_ok(n)
     c = torch.where(ok, alpha / n, torch.zeros_like(n))
     r = (dd + 2 * c * dg + c * c * gg).clamp_min(0).sqrt()
     s = torch.where(ok & (r > epsilon), epsilon / r, torch.ones_like(r))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
-        if first and _acc(p) is p:  # P = B + s*c*G, and B is the old P: select it where skipped
+        if first and _opmath(p) is p:  # P = B + s*c*G, and B is the old P: select it where skipped
             p.addcmul_(g, s[i] * c[i])
             torch.where(ok[i], p, b, out=p)
         elif first:
-            _select_into(p, ok[i], torch.addcmul(_acc(p), _acc(g), s[i] * c[i]))
+            _select_into(p, ok[i], torch.addcmul(_opmath(p), _opmath(g), s[i] * c[i]))
         else:
-            new = torch.addcmul(_acc(p), _acc(g), c[i])
-            torch.lerp(_acc(b), new, s[i], out=new)          # B + s*(new - B)
+            new = torch.addcmul(_opmath(p), _opmath(g), c[i])
+            torch.lerp(_opmath(b), new, s[i], out=new)          # B + s*(new - B)
             _select_into(p, ok[i], new)
 
 
@@ -145,14 +149,14 @@ def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor
     if first:
         torch._foreach_copy_(backups, params)
     n1, n2 = grad_sumsq.sqrt(), param_sumsq.sqrt()
-    ok = _guard(n1)
+    ok = norm_ok(n1)
     factor = torch.where(ok, adv_lr * (n2 + 1e-6) / (n1 + 1e-6), torch.zeros_like(n1))
     for i, (p, g, b) in enumerate(zip(params, grads, backups)):
         lo, hi = awp_box(b, adv_eps)
-        new = torch.addcmul(_acc(p), _acc(g), factor[i])
+        new = torch.addcmul(_opmath(p), _opmath(g), factor[i])
         # torch.maximum/minimum propagate NaN (clamp would not): the Kaggle class uses max/min.
-        torch.maximum(new, _acc(lo), out=new)
-        torch.minimum(new, _acc(hi), out=new)
+        torch.maximum(new, _opmath(lo), out=new)
+        torch.minimum(new, _opmath(hi), out=new)
         _select_into(p, ok[i], new)
 
 

@@ -38,7 +38,7 @@ def variants(all_variants: bool):
         cfg = mt.launch_config(kind, 1 << 20)
         for aligned in ((True, False) if all_variants else (True,)):
             tag = f"{kname}{'' if aligned else '-unaligned'}"
-            common = dict(KIND=kind, ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block)
+            common = dict(KIND=kind, ALIGNED=aligned, CHUNK_SIZE=cfg.chunk, BLOCK=cfg.block)
             for oname, op in ops.items():
                 for write_b in ((False, True) if all_variants else (op in (w.FGSM, w.AWP),)):
                     out.append((f"update[{oname},{tag},write_b={write_b}]", w._update_kernel, update_sig,
@@ -63,7 +63,7 @@ def activation_variants():
 
     from fused_adv._triton import activation as a
     H = 768
-    rows = dict(ACC=tl.float32, BLOCK_R=a._TILE // triton_next_pow2(H), BLOCK_H=triton_next_pow2(H))
+    rows = dict(OPMATH=tl.float32, BLOCK_R=a._TILE // triton_next_pow2(H), BLOCK_H=triton_next_pow2(H))
     sizes = {"ROWS": "i32", "H": "i32"}
     out = []
     for tname, t in (("f32", "*fp32"), ("bf16", "*bf16")):
@@ -77,20 +77,20 @@ def activation_variants():
             (f"row_absmax_sumsq[{tname}]", a._row_stats_kernel, {"X": t, "STATS": "*fp32", **sizes}, rows, False, 4),
             (f"sift_perturb[{tname}]", a._sift_perturb_kernel,
              {"XHAT": t, "NOISE": t, "DELTA": "*fp32", "OUT": t, "N": "i32", "bound": "fp32"},
-             dict(ACC=tl.float32, BLOCK=a._CHUNK), False, 4),
+             dict(OPMATH=tl.float32, BLOCK=a.CHUNK_SIZE), False, 4),
             (f"sift_update_[{tname}]", a._sift_update_kernel,
              {"DELTA": "*fp32", "G": "*fp32", "XHAT": t, "STATS": "*fp32", "OK": "*i32", "OUT": t, **sizes,
-              "lr": "fp32"}, dict(XACC=tl.float32, **rows), False, 4),
+              "lr": "fp32"}, dict(XOPMATH=tl.float32, **rows), False, 4),
             (f"smart_update_[{tname}]", a._smart_update_kernel,
              {"NOISE": t, "G": t, "OK": "*i32", **sizes, "step_size": "fp32", "epsilon": "fp32"}, rows, False, 4),
         ]
         for linf in (False, True):
             out.append((f"freelb_reduce[{tname},linf={linf}]", a._freelb_reduce_kernel,
                         {"D": t, "G": t, "PART": "*fp32", "N": "i32", "NCHUNK": "i32"},
-                        dict(LINF=linf, ACC=tl.float32, BLOCK=a._CHUNK), False, 4))
+                        dict(LINF=linf, OPMATH=tl.float32, BLOCK=a.CHUNK_SIZE), False, 4))
             out.append((f"freelb_update_[{tname},linf={linf}]", a._freelb_update_kernel,
                         {"D": t, "G": t, "STATS": "*fp32", "N": "i32", "lr": "fp32", "max_norm": "fp32"},
-                        dict(LINF=linf, PROJECT=True, ACC=tl.float32, BLOCK=a._CHUNK), False, 4))
+                        dict(LINF=linf, PROJECT=True, OPMATH=tl.float32, BLOCK=a.CHUNK_SIZE), False, 4))
     return out
 
 

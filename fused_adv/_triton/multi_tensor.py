@@ -10,7 +10,7 @@ owns.  Table layout (one int64 buffer per signature, cached; views of it are the
   ``tens``    [n_g, TS]   per tensor: (index in the call, numel, address of role 0, role 1, ...),
                           TS = 2 + number of roles (e.g. P, G, B);
   ``chunks``  [c_g, 2]    per chunk: (row in ``tens``, first element); chunks of one tensor are
-                          consecutive, each covers CHUNK elements (the last one fewer).
+                          consecutive, each covers CHUNK_SIZE elements (the last one fewer).
 
 Addresses are raw ``data_ptr()`` integers: a kernel turns them into typed pointers with
 ``int.to(tl.pointer_type(...))``.  Under ``TRITON_INTERPRET=1`` CPU tensors' addresses are real
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,13 +42,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# device_function / block_* / interpreting are shared with the activation kernels: kernel_math.py
+from fused_adv._triton.kernel_math import block_max, block_sum, device_function, interpreting  # noqa: F401
+
 # Element kinds (constexpr codes: a kernel is specialised per kind).
 F32, F16, BF16, F64 = 0, 1, 2, 3
 KIND_OF = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.float64: F64}
 _ELEM_BYTES = {F32: 4, F16: 2, BF16: 2, F64: 8}
 
 # GPU launch config: 16 bytes per vector access, two vectors per thread per tile, 8 warps:
-# BLOCK = 2 * 16 B * 256 threads / element size; a program walks CHUNK = 8 tiles (64 KiB of each
+# BLOCK = 2 * 16 B * 256 threads / element size; a program walks CHUNK_SIZE = 8 tiles (64 KiB of each
 # tensor), so a 335M-parameter set is ~20k programs and the per-program prologue (table loads,
 # per-tensor factors) is amortised over 16k+ elements.  Fixed per dtype (no autotune: the update
 # kernels are in place and must not be re-run on live data).
@@ -64,11 +66,6 @@ _INTERP_MAX_BLOCK = 1 << 18
 # Phase 2: tensors per program and partial rows per tensor per iteration (GPU; interpreter).
 FINISH_TENSORS, FINISH_ROWS = 16, 32
 FINISH_TENSORS_INTERP, FINISH_ROWS_INTERP = 256, 4
-
-
-def interpreting() -> bool:
-    """True when triton runs kernels in its Python interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class LaunchConfig(NamedTuple):
@@ -245,50 +242,15 @@ def _finish_kernel(
     tl.store(out + t[:, None] * NCOL + cols[None, :], tot.to(tl.float32), mask=tm[:, None] & (cols < NCOL)[None, :])
 
 
-# ---- device helpers shared by the op families -------------------------------------------------
-
-def device_function(fn):
-    """``@triton.jit`` for a device (helper) function.  Under the interpreter the plain Python
-    function is used instead: the interpreter re-patches triton.language on every call of a
-    jitted helper (~7 ms each; it made every program instance ~50 ms), and the kernel's own patch,
-    active while the helper runs, already covers it.  Same source, same semantics."""
-    return fn if interpreting() else triton.jit(fn)
-
-
-# tl.sum / tl.max are jitted wrappers around tl.reduce: under the interpreter every call of a
-# jitted function re-patches triton.language (~8 ms; tl.sum costs two), while tl.reduce with the
-# standard combine functions runs as one numpy call.  Same reduction on the GPU.  The combine
-# functions are private names of triton.language.standard, so fall back to the wrappers if a
-# triton version lacks them.
-if hasattr(tl.standard, "_sum_combine") and hasattr(tl.standard, "_elementwise_max"):
-    @device_function
-    def block_sum(x, AXIS: tl.constexpr):
-        """tl.sum(x, AXIS)"""
-        return tl.reduce(x, AXIS, tl.standard._sum_combine)
-
-    @device_function
-    def block_max(x, AXIS: tl.constexpr):
-        """tl.max(x, AXIS)"""
-        return tl.reduce(x, AXIS, tl.standard._elementwise_max)
-else:  # pragma: no cover - older/newer triton without the private combine functions
-    @device_function
-    def block_sum(x, AXIS: tl.constexpr):
-        """tl.sum(x, AXIS)"""
-        return tl.sum(x, AXIS)
-
-    @device_function
-    def block_max(x, AXIS: tl.constexpr):
-        """tl.max(x, AXIS)"""
-        return tl.max(x, AXIS)
-
+# ---- device helpers of the multi-tensor kernels ------------------------------------------------
 
 @device_function
-def chunk_of(chunks, tens, TS: tl.constexpr, CHUNK: tl.constexpr):
+def chunk_of(chunks, tens, TS: tl.constexpr, CHUNK_SIZE: tl.constexpr):
     """This program's chunk: (pointer to its tensor's row in ``tens``, first element, count)."""
     pid = tl.program_id(0).to(tl.int64)
     row = tens + tl.load(chunks + 2 * pid) * TS
-    start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), CHUNK)  # chunk starts are k * CHUNK
-    count = tl.minimum(tl.load(row + 1) - start, CHUNK)
+    start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), CHUNK_SIZE)  # chunk starts are k * CHUNK_SIZE
+    count = tl.minimum(tl.load(row + 1) - start, CHUNK_SIZE)
     return row, start, count
 
 
@@ -323,50 +285,3 @@ def store_bits(ptr, offs, x, mask, MASKED: tl.constexpr):
         tl.store(ptr + offs, x, mask=mask)
     else:
         tl.store(ptr + offs, x)
-
-
-@device_function
-def to_float(bits, KIND: tl.constexpr):
-    """Raw bits -> the math dtype: float32, or float64 for float64 tensors (exact)."""
-    if KIND == 2:    # bf16: the top half of a float32
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    elif KIND == 1:
-        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    elif KIND == 0:
-        x = bits.to(tl.float32, bitcast=True)
-    else:
-        x = bits.to(tl.float64, bitcast=True)
-    return x
-
-
-@device_function
-def from_float(x, KIND: tl.constexpr):
-    """Math dtype -> raw bits of KIND, rounded to nearest even.
-
-    bf16 rounding is done with integer ops (as c10::BFloat16 does) rather than ``.to(bfloat16)``
-    because triton's interpreter truncates fp32 -> bf16; the GPU cost is a few integer ops in a
-    memory-bound kernel.  NaN becomes the quiet NaN of the same sign (torch CPU gives 0x7FC0)."""
-    if KIND == 2:
-        u = x.to(tl.uint32, bitcast=True)
-        r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-        r = tl.where(x != x, (u >> 16) | 0x40, r)
-        bits = r.to(tl.uint16)
-    elif KIND == 1:
-        bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
-    elif KIND == 0:
-        bits = x.to(tl.uint32, bitcast=True)
-    else:
-        bits = x.to(tl.uint64, bitcast=True)
-    return bits
-
-
-@device_function
-def round_to(x, KIND: tl.constexpr):
-    """x rounded to KIND's precision, kept in the math dtype (identity for fp32/fp64)."""
-    if KIND == 2:
-        y = to_float(from_float(x, KIND), KIND)
-    elif KIND == 1:
-        y = x.to(tl.float16).to(tl.float32)
-    else:
-        y = x
-    return y

@@ -34,8 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_adv._triton import multi_tensor as mt
-from fused_adv._triton.multi_tensor import (block_sum, chunk_of, device_function, from_float, load_bits,
-                                            role_ptr, round_to, store_bits, to_float)
+from fused_adv._triton.kernel_math import block_sum, device_function, from_float, norm_ok, round_to, to_float
+from fused_adv._triton.multi_tensor import chunk_of, load_bits, role_ptr, store_bits
 
 
 def _eager(fn):
@@ -80,13 +80,13 @@ def _reduce_kernel(
     FIRST: tl.constexpr,      # PGD_STATS on the first step: P == B, so only G is read
     KIND: tl.constexpr,       # element kind of the group (multi_tensor.F32/F16/BF16/F64)
     ALIGNED: tl.constexpr,    # every address is 16-byte aligned (vector loads)
-    CHUNK: tl.constexpr,      # elements per program
+    CHUNK_SIZE: tl.constexpr, # elements per program
     BLOCK: tl.constexpr,      # elements per tile
     TS: tl.constexpr,         # columns of ``tens``
     NCOL: tl.constexpr,       # 1 (SUMSQ) or 3 (PGD_STATS)
 ):
     # map the program id to its chunk: one tensor, elements [start, start + count)
-    row, start, count = chunk_of(chunks, tens, TS, CHUNK)
+    row, start, count = chunk_of(chunks, tens, TS, CHUNK_SIZE)
     xp = role_ptr(row, 0, KIND, ALIGNED)
     if OP == 0:
         gp = xp
@@ -125,7 +125,7 @@ def _reduce_plan(p: mt.Plan, op: int, first: bool) -> Tensor:
                 continue
             _reduce_kernel[(g.n_chunks,)](
                 g.chunks, g.tens, part, g.chunk_base, OP=op, FIRST=first, KIND=g.kind, ALIGNED=g.aligned,
-                CHUNK=g.config.chunk, BLOCK=g.config.block, TS=g.tens.shape[1], NCOL=ncol,
+                CHUNK_SIZE=g.config.chunk, BLOCK=g.config.block, TS=g.tens.shape[1], NCOL=ncol,
                 num_warps=g.config.num_warps)
         return mt.finish(p, part, ncol)
 
@@ -204,24 +204,25 @@ def _update_kernel(
     WRITE_B: tl.constexpr,    # B <- P (write_backup / first)
     KIND: tl.constexpr,       # element kind of the group
     ALIGNED: tl.constexpr,    # every address is 16-byte aligned (vector accesses)
-    CHUNK: tl.constexpr,      # elements per program
+    CHUNK_SIZE: tl.constexpr, # elements per program
     BLOCK: tl.constexpr,      # elements per tile
 ):
-    row, start, count = chunk_of(chunks, tens, 5, CHUNK)
+    row, start, count = chunk_of(chunks, tens, 5, CHUNK_SIZE)
     pp = role_ptr(row, 0, KIND, ALIGNED)
     gp = role_ptr(row, 1, KIND, ALIGNED)
     bp = role_ptr(row, 2, KIND, ALIGNED)
     t = tl.load(row)  # index of the tensor in the call: its statistics
     one = tl.full([], 1.0, tl.float32)
     zero = tl.full([], 0.0, tl.float32)
-    # per-tensor factors, exactly as fused_adv._torch.weight computes them (float32 scalars;
+    # per-tensor factors, exactly as fused_adv._torch.weight and csrc/common/kernel_math.h's
+    # *_factors compute them (float32 scalars;
     # ``x / n`` of a Python scalar by a tensor is ``n.reciprocal() * x`` in torch)
     ok = True
     fa = zero
     fb = one
     if OP == 0:
         n = tl.sqrt_rn(tl.load(s0 + t))
-        ok = (n != 0) & (n == n)  # +inf is not skipped: factor 0, inf entries become NaN
+        ok = norm_ok(n)  # +inf is not skipped: factor 0, inf entries become NaN
         fa = tl.where(ok, tl.div_rn(one, n) * F0, zero)
     elif OP == 2:
         gg = tl.load(s0 + 3 * t)
@@ -232,7 +233,7 @@ def _update_kernel(
             dg = tl.load(s0 + 3 * t + 1)
             dd = tl.load(s0 + 3 * t + 2)
         n = tl.sqrt_rn(gg)
-        ok = (n != 0) & (n == n)
+        ok = norm_ok(n)
         c = tl.where(ok, tl.div_rn(one, n) * F0, zero)
         # ||d + c G||^2 from the statistics (clamp_min(0) keeps NaN)
         r = tl.sqrt_rn(tl.maximum(dd + 2 * c * dg + c * c * gg, zero, propagate_nan=tl.PropagateNan.ALL))
@@ -241,7 +242,7 @@ def _update_kernel(
     elif OP == 3:
         n1 = tl.sqrt_rn(tl.load(s0 + t))
         n2 = tl.sqrt_rn(tl.load(s1 + t))
-        ok = (n1 != 0) & (n1 == n1)
+        ok = norm_ok(n1)
         fa = tl.where(ok, tl.div_rn(F0 * (n2 + 1e-6), n1 + 1e-6), zero)
     # FGSM's epsilon / AWP's adv_eps multiply elements: in the element math dtype (float64
     # tensors: the double the caller passed, rebuilt exactly from three float32 parts)
@@ -282,7 +283,7 @@ def _update_plan(p: mt.Plan, op: int, write_b: bool, s0: Tensor | None = None,
             _update_kernel[(g.n_chunks,)](
                 g.chunks, g.tens, s0, s1, float(f0), float(f1), e_hi, e_mid, e_lo,
                 OP=op, WRITE_B=bool(write_b), KIND=g.kind, ALIGNED=g.aligned,
-                CHUNK=g.config.chunk, BLOCK=g.config.block, num_warps=g.config.num_warps)
+                CHUNK_SIZE=g.config.chunk, BLOCK=g.config.block, num_warps=g.config.num_warps)
 
 
 def _update(params, grads, backups, op: int, write_b: bool, **scalars) -> None:
@@ -331,10 +332,10 @@ def _restore_kernel(
     tens,                     # int64 [n_g, 4]: (call index, numel, address of P, B)
     KIND: tl.constexpr,       # element kind (only its width matters: raw bits are copied)
     ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row, start, count = chunk_of(chunks, tens, 4, CHUNK)
+    row, start, count = chunk_of(chunks, tens, 4, CHUNK_SIZE)
     pp = role_ptr(row, 0, KIND, ALIGNED)
     bp = role_ptr(row, 1, KIND, ALIGNED)
     n_full = count // BLOCK
@@ -359,5 +360,5 @@ def _restore_plan(p: mt.Plan) -> None:
     for g in p.groups:
         if g.n_chunks:
             _restore_kernel[(g.n_chunks,)](g.chunks, g.tens, KIND=g.kind, ALIGNED=g.aligned,
-                                           CHUNK=g.config.chunk, BLOCK=g.config.block,
+                                           CHUNK_SIZE=g.config.chunk, BLOCK=g.config.block,
                                            num_warps=g.config.num_warps)
