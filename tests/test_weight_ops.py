@@ -48,6 +48,8 @@ DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 # boundary twice (the interpreter runs it as one 2**18-element tile)
 SHAPES = [(0,), (4, 0), (1,), (7,), (3, 5, 2), (7, 13), (33, 17), (301,), (70001,)]
 EMPTY = [0, 1]  # indices of the empty tensors in SHAPES
+# tensor counts: one tensor, the mixed shapes above, and more than apex's 110 tensors per launch
+COUNTS = {"one": [(33, 17)], "few": SHAPES, "many": [((i * 37) % 300 + i % 3,) for i in range(120)]}
 
 FUSED = [("cpu", "cpp"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton")]
 backend = backend_fixture("restore_", FUSED)          # the fused backends, against the torch backend
@@ -189,13 +191,14 @@ def test_awp_many_tensors_one_reduction(backend):
 
 # ---- update passes, one step -------------------------------------------------------------------
 
+@pytest.mark.parametrize("count", list(COUNTS))
 @pytest.mark.parametrize("first", [True, False], ids=["write_backup", "no_backup"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("op", ["fgm", "fgsm", "pgd", "awp"])
-def test_update_matches_oracle(backend, op, dtype, first):
+def test_update_matches_oracle(backend, op, dtype, first, count):
     device, name = backend
-    P, G, B = make_pgb(dtype, device, seed=1)
-    G[3][3] = 0  # sign(0) = 0 for FGSM; an ordinary entry for the others
+    P, G, B = make_pgb(dtype, device, shapes=COUNTS[count], seed=1)
+    G[-1].view(-1)[0] = 0  # sign(0) = 0 for FGSM; an ordinary entry for the others
     P_t, B_t = run_update(op, name, P, G, B, first)
     P_r, _ = run_update(op, "torch", P, G, B, first)
     check(name, P_t, P_r, oracle_update(op, P, G, B, first), f"{op} {dtype}", op)
