@@ -120,9 +120,10 @@ class _Fsdp1Info:
 class ShardingLayout:
     """What :func:`localize` needs to know about a model beyond its parameters: the FSDP1 units
     (which FlatParameter each original parameter lives in, its process group, this rank's
-    piece) and whether FSDP2 wraps part of it.  Build once per model (e.g. in a method's
-    constructor); it rescans when it meets an FSDP1 parameter it does not know (the model was
-    wrapped after the method was built).
+    piece) and whether FSDP2 wraps part of it.  Build once per model (e.g. lazily in a method,
+    on its first attack); it rescans when it meets an FSDP1 parameter it does not know, and looks
+    for FSDP2 again when it meets a DTensor parameter (the model was wrapped after the layout
+    was built).
 
     Raises ShardingError for FSDP1 with ``use_orig_params=False`` (see :func:`check_model`)."""
 
@@ -206,6 +207,8 @@ class ShardingLayout:
         locals_, local_grads, slot_groups = [], [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             if DTensor is not None and isinstance(p, DTensor):
+                if not self._fsdp2 and self._model is not None and self._model() is not None:
+                    self._fsdp2 = _fsdp2_present(self._model())  # wrapped after the layout was built
                 lp, groups = _dtensor_local(p, self._label(names, i))
                 lg = None if g is None else _dtensor_grad_local(p, g, self._label(names, i))
             else:

@@ -183,6 +183,7 @@ def scenario_fsdp2(rank, world):
     model = Tiny()
     # ``unused`` stays a plain parameter (FSDP2 ignores it): localize must not mistake it for a
     # parameter caught unsharded.
+    early = ShardingLayout(model)  # built before wrapping, as a method built early would be
     fully_shard(model, ignored_params={model.unused})
     torch.manual_seed(100 + rank)  # each rank its own batch: FSDP2 averages the grads
     model(torch.randint(0, 5, (3, 4))).backward()
@@ -234,12 +235,14 @@ def scenario_fsdp2(rank, world):
         chk.true(f"restore {n} bit-exact", torch.equal(full(params[i]), full_p[i]))
     # Unsharded (after unshard(), or between forward and backward with reshard_after_forward=False)
     # the registered parameters are plain gathered tensors whose writes would be lost: refused.
+    early.localize(params, grads)  # meets the DTensors: notices FSDP2
     model.unshard()
-    try:
-        layout.localize([p for _, p in model.named_parameters()], [None] * len(named))
-        chk.errors.append("unsharded FSDP2 parameters: no error")
-    except ShardingError as e:
-        chk.true(f"unsharded message: {e}", "reshard" in str(e))
+    for which, lay in (("layout", layout), ("early layout", early)):
+        try:
+            lay.localize([p for _, p in model.named_parameters()], [None] * len(named))
+            chk.errors.append(f"unsharded FSDP2 parameters ({which}): no error")
+        except ShardingError as e:
+            chk.true(f"unsharded message: {e}", "reshard" in str(e))
     model.reshard()
     chk.raise_if_any()
 
