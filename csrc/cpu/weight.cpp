@@ -55,8 +55,9 @@ const float* check_scalars(const char* op, const char* name, const at::Tensor& t
 // For float/half/bfloat16 the squares are first summed in float32 over 64 elements (8 lanes x 8
 // steps), then flushed to the double accumulators: float32 multiply-adds are 4 per SSE op instead
 // of 2 with no conversion to double (31 MB fp32, 1 thread on the CI VM: 5.7 -> 5.2 ms, torch.sum
-// 3.5-4.0 ms; the rest is memory).  Eight fp32 additions per flush cost < 1e-6 relative, far below the
-// float32 result's own rounding budget in the tests (and docs/design.md §3 (Op contract) allows fp32 accumulation).
+// 3.5-4.0 ms; the rest is memory).  Eight fp32 additions per flush cost < 1e-6 relative, far below
+// the float32 result's own rounding budget in the tests (and docs/design.md §3 (Op contract) allows
+// fp32 accumulation).
 template <typename T>
 double chunk_sumsq(const T* __restrict__ x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};

@@ -5,8 +5,11 @@ Row-wise ops map each program to BLOCK_R consecutive rows ("tokens") of H elemen
 registers (BLOCK_H = next power of two >= H, so H <= MAX_H), with fp32 math (fp64 for fp64
 inputs).  The per-sample FreeLB ops map a 2-D grid (sample, chunk of BLOCK elements) and reduce
 the per-chunk partials with a deterministic torch sum (two phases; no atomics).  Guards are read
-from device memory (``OK``), never from the host.  Works on CPU under TRITON_INTERPRET=1 (the
-interpreter costs ~1 ms per program instance, so it gets bigger tiles).
+from device memory (``OK``), never from the host.  Every store rounds through
+fused_adv._triton.kernel_math.cast_rn (the one bf16 rounding helper); names follow its scheme
+(OPMATH: the math dtype, CHUNK_SIZE: elements per program of the per-sample kernels).  Works on
+CPU under TRITON_INTERPRET=1 (the interpreter costs ~1 ms per program instance, so it gets bigger
+tiles).
 """
 from __future__ import annotations
 
