@@ -1,11 +1,11 @@
 """On a CUDA device, the fused classes never synchronise the host (docs/design.md §3 (Op
 contract)): every zero/NaN guard is a device-side select.  Checked with
 torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising call, for every fused
-class: FGM, FGSM, PGD, AWP (weights perturbed and restored) and FreeLB, SMART, SiFT's
-AdversarialLearner (the embedding output perturbed).
+class: FGM, FGSM, MIFGSM, PGD, AWP, AdvWeightPerturb (weights perturbed and restored) and FreeLB,
+SMART, SiFT's AdversarialLearner (the embedding output perturbed).
 
-The activation methods run forward/backward passes inside the checked region, so their model must
-itself be sync-free: :class:`SyncFreeClassifier` (nn.Embedding's CUDA backward synchronises to
+AdvWeightPerturb and the activation methods run forward/backward passes inside the checked region,
+so their model must itself be sync-free: :class:`SyncFreeClassifier` (nn.Embedding's CUDA backward synchronises to
 count its segments; an index_select lookup, whose backward is index_add_, does not).
 
 On CPU the very same steps run once without the sync check (it needs CUDA), with the same
@@ -24,7 +24,7 @@ from models import ToyBert, batch
 
 pytestmark = pytest.mark.gpu
 
-WEIGHT_CLASSES = ["FGM", "FGSM", "PGD", "AWP"]
+WEIGHT_CLASSES = ["FGM", "FGSM", "MIFGSM", "PGD", "AWP"]
 ACTIVATION_CLASSES = ["FreeLB", "SMART", "SiFT"]
 
 
@@ -72,6 +72,15 @@ class SyncFreeClassifier(nn.Module):
         return types.SimpleNamespace(loss=loss, logits=logits)
 
 
+def _warm_up(step):
+    """The first step (lazy imports, kernel compilation, allocations) outside the check; a backend
+    without a kernel for one of the class's ops skips with the registry's reason."""
+    try:
+        return step()
+    except fused_adv.BackendUnavailableError as exc:
+        pytest.skip(" ".join(str(exc).split("\n")[:2]))
+
+
 def _check_no_sync(device, step, n=2):
     """Runs ``step`` n times; on CUDA under set_sync_debug_mode('error') (any host sync raises)."""
     if device != "cuda":
@@ -101,8 +110,8 @@ def test_attack_and_restore_do_not_sync(cls, device_backend):
             adv.attack_step(first=True)
             adv.attack_step(first=False)
             adv.restore()
-    elif cls == "PGD":
-        adv = fused_adv.PGD(model, backend=backend)
+    elif cls in ("PGD", "MIFGSM"):
+        adv = getattr(fused_adv, cls)(model, backend=backend)
 
         def step():
             adv.backup_grad()
@@ -116,11 +125,32 @@ def test_attack_and_restore_do_not_sync(cls, device_backend):
         def step():
             adv.attack()
             adv.restore()
-    step()  # warm-up: lazy imports, kernel compilation, allocations
+    _warm_up(step)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _check_no_sync(device, step)
     for n, p in model.named_parameters():  # and the steps really ran and restored, bit for bit
         assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), n
+
+
+def test_awp_paper_does_not_sync(device_backend):
+    """AdvWeightPerturb (docs/methods.md §4b (AWP, paper)), proxy=None: calc_awp's forward and
+    gradient, perturb and restore.  Its restore subtracts the diff again (not bit-exact by design)."""
+    device, backend = device_backend
+    torch.manual_seed(0)
+    model = SyncFreeClassifier().to(device)
+    ids, mask, labels = (t.to(device) for t in batch(0))
+    awp = fused_adv.AdvWeightPerturb(model, gamma=0.01, proxy_lr=0.1, backend=backend)
+
+    def step():
+        diff = awp.calc_awp(closure=lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        awp.perturb(diff)
+        awp.restore(diff)
+
+    _warm_up(step)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _check_no_sync(device, step)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def _activation_step(cls, model, inputs, backend):
@@ -161,7 +191,7 @@ def test_activation_methods_do_not_sync(cls, device_backend):
         losses.append(adv_step())
         model.zero_grad(set_to_none=False)  # zeroing in place keeps the step sync-free
 
-    step()  # warm-up
+    _warm_up(step)
     _check_no_sync(device, step)
     assert len(losses) == 3 and all(torch.isfinite(v).all() for v in losses)
     if cls == "SiFT":  # loss() freezes the parameters for its delta step and must unfreeze them
