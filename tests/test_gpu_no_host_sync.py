@@ -78,7 +78,7 @@ def _warm_up(step):
     try:
         return step()
     except fused_adv.BackendUnavailableError as exc:
-        pytest.skip(" ".join(str(exc).split("\n")[:2]))
+        pytest.skip(" ".join(str(exc).split())[:400])
 
 
 def _check_no_sync(device, step, n=2):
