@@ -37,7 +37,9 @@ def backend_fixture(op: str, pairs=DEVICE_BACKENDS, scope: str = "function"):
     """The one backend-fixture factory: a fixture parametrized over the (device, backend)
     ``pairs`` (default: every pair above) that yields ``(device, backend)`` and skips, with the
     registry's reason for ``op``, the pairs this machine cannot run.  CUDA pairs carry the ``gpu``
-    marker.  Use it at module level: ``backend = backend_fixture("fgm_perturb_", pairs)``."""
+    marker.  Use it at module level: ``backend = backend_fixture("fgm_perturb_", pairs)``, after
+    ``from conftest import backend_fixture`` (benchmarks/ is a package, so this name stays
+    tests/conftest.py when both folders are collected together)."""
     pairs = list(pairs)
 
     @pytest.fixture(scope=scope, params=[pytest.param(p, marks=[pytest.mark.gpu] if p[0] == "cuda" else [])
