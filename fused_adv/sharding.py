@@ -24,8 +24,12 @@ Layouts understood:
   call is the number of distinct mesh-dimension process groups that shard something;
 * FSDP1 ``FullyShardedDataParallel(use_orig_params=True)``: outside forward/backward each
   original parameter is a 1-D view into this rank's piece of its FlatParameter (size 0 on ranks
-  holding none of it; ``.grad`` is None there); the process group is the FSDP unit's (the
-  intra-node group under HYBRID_SHARD); NO_SHARD is replicated.
+  holding none of it; ``.grad`` is None there).  The local piece is cut from
+  ``flat_param._local_shard`` itself (the FlatParameter's ``_shard_param_infos`` give offset
+  and length), the storage those views share and the next all-gather reads, so it is right in
+  every state of the unit (under SHARD_GRAD_OP the original parameters point into the gathered
+  copy between forward and backward: a restore there still lands in the shard).  The process
+  group is the unit's (the intra-node group under HYBRID_SHARD); NO_SHARD is replicated.
   ``use_orig_params=False`` exposes only ``_flat_param`` tensors that mix many parameters:
   refused with :class:`ShardingError`.
 
@@ -114,7 +118,17 @@ def check_model(model: nn.Module) -> None:
 @dataclass
 class _Fsdp1Info:
     group: object            # ProcessGroup, or None when the unit does not shard (NO_SHARD)
+    flat: object             # the FlatParameter the parameter lives in
+    offset: int              # where this rank's piece starts in flat._local_shard
     numel_in_shard: int      # numel of this rank's piece (0 when not in this rank's shard)
+
+    def piece(self) -> Tensor:
+        """This rank's piece, cut from the FlatParameter's local shard itself: the storage the
+        next all-gather reads, whatever state the unit is in (the original parameter's
+        ``.data`` is that same view only while the unit is sharded; between forward and backward
+        under SHARD_GRAD_OP it is a view into the gathered copy)."""
+        shard = self.flat._local_shard
+        return shard[self.offset:self.offset + self.numel_in_shard].detach()
 
 
 class ShardingLayout:
@@ -151,7 +165,7 @@ class ShardingLayout:
             infos = flat._shard_param_infos
             for p, info in zip(flat._params, infos):
                 n = int(info.numel_in_shard) if info.in_shard else 0
-                self._fsdp1[id(p)] = _Fsdp1Info(group, n)
+                self._fsdp1[id(p)] = _Fsdp1Info(group, flat, int(info.offset_in_shard) if n else 0, n)
             # Tied weights: the duplicate's data is the primary's (see FlatParamHandle._use_sharded_views).
             for p, shared in zip(flat._shared_params or (), flat._shared_param_infos or ()):
                 prim = getattr(shared.prim_module, shared.prim_param_name, None)
@@ -244,23 +258,24 @@ class ShardingLayout:
         return names[i] if names is not None else f"params[{i}]"
 
     def _plain_local(self, p: Tensor, g, names, i: int) -> tuple[Tensor, tuple]:
-        """A plain tensor: an FSDP1 original parameter (a 1-D view into this rank's flat shard),
-        an FSDP2 parameter caught unsharded (refused), or replicated."""
+        """A plain tensor: an FSDP1 original parameter (its piece of the flat local shard), an
+        FSDP2 parameter caught unsharded (refused), or replicated."""
         if _is_dtensor(g):
             raise ShardingError(f"fused_adv: {self._label(names, i)} is a plain tensor but its gradient is a "
                                 f"DTensor with placements {tuple(g.placements)}; parameter and gradient must share "
                                 "a layout")
-        lp = p.detach()
         info = self._fsdp1_info(p)
         if info is not None:
             if info.group is None:  # NO_SHARD: the views are the whole parameters, replicated
-                return lp, ()
-            if lp.numel() != info.numel_in_shard or lp.dim() != 1:
+                return p.detach(), ()
+            if g is not None and (g.dim() != 1 or g.numel() != info.numel_in_shard):
                 raise ShardingError(
-                    f"fused_adv: FSDP1 parameter {self._label(names, i)} is not in its sharded state (shape "
-                    f"{tuple(lp.shape)}, this rank's shard holds {info.numel_in_shard} elements of it): attack "
-                    "after the clean backward (FSDP reshards then), not inside forward or summon_full_params")
-            return lp, (info.group,)
+                    f"fused_adv: the gradient of FSDP1 parameter {self._label(names, i)} has shape "
+                    f"{tuple(g.shape)}, not this rank's sharded piece ({info.numel_in_shard} elements): attack "
+                    "after the clean backward (FSDP reduce-scatters the gradients then), not inside "
+                    "summon_full_params(with_grads=True)")
+            return info.piece(), (info.group,)
+        lp = p.detach()
         if getattr(p, "_fsdp_flattened", False):
             raise ShardingError(
                 f"fused_adv: {self._label(names, i)} belongs to a FullyShardedDataParallel unit that the model "

@@ -405,6 +405,25 @@ def scenario_fsdp1(rank, world):
         chk.close("fsdp1 forward at perturbed weights", sharded_loss, ref(x), rtol=1e-6)
     ops.restore_(loc.params, backups)
 
+    # SHARD_GRAD_OP keeps the gathered weights from forward to backward, the original parameters
+    # pointing into them: pieces() still reaches the shard, so a restore there is not lost.
+    from torch.distributed.fsdp import ShardingStrategy
+    torch.manual_seed(0)
+    grad_op = FSDP(Fsdp1Tiny(), use_orig_params=True, device_id=cpu,
+                   sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+    orig = list(grad_op.parameters())  # what a method holds (forward registers plain views instead)
+    with FSDP.summon_full_params(grad_op):
+        before = [p.detach().clone() for p in orig]
+    out = grad_op(torch.randn(4, 5))
+    chk.true("SHARD_GRAD_OP: unsharded between forward and backward", grad_op.module.b.shape == (3, 2))
+    with torch.no_grad():  # as the kernels run
+        for piece in ShardingLayout(grad_op).pieces(orig):
+            piece.add_(1.0)
+    out.backward()
+    with FSDP.summon_full_params(grad_op):
+        for (n, q), b in zip(grad_op.named_parameters(), before):
+            chk.close(f"SHARD_GRAD_OP write to the shard reaches the next gather: {n}", q.detach(), b + 1.0)
+
     # A layout built on a module inside the wrapper cannot know the root unit's shards: refused.
     try:
         ShardingLayout(model.module).localize([model.module.a], [None], names=["a"])
