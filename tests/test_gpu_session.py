@@ -108,5 +108,11 @@ def test_driver_keeps_results_through_hang_crash_and_sticky_cuda_error(tmp_path)
     assert got == {"test_a_pass[cuda-torch]": "passed", "test_b_hang[cuda-torch]": "error",
                    "test_c_crash[cuda-cuda]": "error", "test_d_sticky[cuda-cuda]": "failure",
                    "test_e_after[cuda-triton]": "passed"}, got
+    # compiled-CUDA cases first, then Triton, then the rest; a fresh process after the crash and
+    # after the sticky error (the cpu case deselected)
+    starts = [json.loads(line).get("start") for line in progress.read_text().splitlines()]
+    assert [n.split("::")[1] for n in starts if n] == [
+        "test_c_crash[cuda-cuda]", "test_d_sticky[cuda-cuda]", "test_e_after[cuda-triton]",
+        "test_a_pass[cuda-torch]", "test_b_hang[cuda-torch]"]
     text = log.read_text()
-    assert "exceeded 3 s" in text and "gpu_tests round 4" in text  # resumed after the hang, crash, sticky error
+    assert "exceeded 3 s" in text and "gpu_tests round 3 " in text and "gpu_tests round 4" not in text

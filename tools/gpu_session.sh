@@ -177,7 +177,7 @@ timeout_opts() {
 run_driver() {  # run_driver LOG BUDGET PYTEST_ARGS...
   local log=$1 budget=$2; shift 2
   PYTHONPATH="$ROOT/tools:$PYTHONPATH" $PY tools/gpu_tests.py --progress "$WORK/tests.jsonl" --xml "$OUT/tests.xml" \
-    --log "$log" --budget "$budget" -- -v -p no:cacheprovider --benchmark-disable $(timeout_opts) "$@"
+    --log "$log" --budget "$budget" -- -v --tb=short -p no:cacheprovider --benchmark-disable $(timeout_opts) "$@"
 }
 
 stage_tests() {
@@ -270,7 +270,7 @@ pack() {
 
 export -f stage_env stage_wheels stage_build timeout_opts run_driver stage_tests stage_nosync stage_bench \
   stage_demo pack note
-export SITE=/tmp/fused_adv_site
+export SITE=$WORK/site  # the wheels the machine lacks (appended to PYTHONPATH after the wheels stage)
 
 FAILED=""
 run_stage() {
