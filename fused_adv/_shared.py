@@ -15,7 +15,9 @@ computes with fused_adv.ops and the reference side in plain torch, so the compar
 * FreeLB (§6 (FreeLB)): :func:`lookup_embeddings`, :func:`freelb_init_delta`;
 * SMART (§7 (SMART)): :func:`stable_kl`, :func:`sym_kl_batchmean`, :func:`embedding_module_of`,
   :func:`embedding_output`, :func:`logits_with_embedding`;
-* SiFT (§5 (SiFT)): :func:`symmetric_kl`, :func:`kl`, :func:`mse`, :data:`perturbation_loss_fns`.
+* SiFT (§5 (SiFT)): :func:`symmetric_kl`, :func:`kl`, :func:`mse`, :data:`perturbation_loss_fns`;
+* FreeAT and YOPO (§8 (FreeAT and YOPO)): :func:`check_steps`, :func:`first_layer_of`,
+  :func:`hidden_of`, :func:`capture_output_grad`.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 __all__ = ["awp_model_loss", "awp_autocast", "awp_adversarial_pass",
            "FREELB_NORM_TYPES", "check_freelb_norm_type", "lookup_embeddings", "freelb_init_delta",
            "stable_kl", "sym_kl_batchmean", "embedding_module_of", "embedding_output", "logits_with_embedding",
-           "symmetric_kl", "kl", "mse", "perturbation_loss_fns"]
+           "symmetric_kl", "kl", "mse", "perturbation_loss_fns",
+           "check_steps", "FIRST_LAYER_PATHS", "first_layer_of", "hidden_of", "capture_output_grad"]
 
 
 # ---------------------------------------------------------------------------------------- AWP
@@ -257,3 +260,83 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 perturbation_loss_fns = {"symmetric-kl": symmetric_kl, "kl": kl, "mse": mse}
+
+
+# ------------------------------------------------------------------------------ FreeAT / YOPO
+def check_steps(what: str, n) -> int:
+    """``int(n)`` when it is an integer >= 1; raises ValueError naming ``what`` otherwise (a step
+    count of 0 would silently train without the attack)."""
+    if isinstance(n, bool) or int(n) != n or int(n) < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+# Where HF models keep their stack of transformer blocks, relative to ``model.base_model``:
+# BERT / RoBERTa / DeBERTa / ELECTRA / XLM-R (encoder.layer), DistilBERT (transformer.layer),
+# Llama / Mistral / Qwen (layers), GPT-2 (h), BART-like encoders (encoder.layers).
+FIRST_LAYER_PATHS = ("encoder.layer", "transformer.layer", "layers", "h", "encoder.layers")
+
+
+def first_layer_of(model, first_layer=None):
+    """YOPO's "first layer" (docs/methods.md §8 (FreeAT and YOPO)): the module whose output the
+    co-state p is taken at.
+
+    ``first_layer``: a module (returned as is), a qualified name in ``model.named_modules()``
+    (e.g. ``"bert.encoder.layer.0"``), or None: block 0 of the first of :data:`FIRST_LAYER_PATHS`
+    found under ``model.base_model`` (the model itself when it has no ``base_model``).  With
+    ``inputs_embeds = embeds + delta`` the model's embedding module (positions, token types,
+    LayerNorm, dropout) runs before that block, so its output is what fairseq's
+    ``Hamiltonian_fwd`` computes as the first layer.  Mutates nothing.  Raises ValueError for a
+    name that is not a submodule (listing a few that are) or when no default is found."""
+    if isinstance(first_layer, torch.nn.Module):
+        return first_layer
+    if isinstance(first_layer, str):
+        modules = dict(model.named_modules())
+        if first_layer not in modules or first_layer == "":
+            near = [n for n in modules if n.endswith(".0") or n.endswith("layer.0")][:8]
+            raise ValueError(f"first_layer={first_layer!r} is not a submodule of {type(model).__name__}; "
+                             f"e.g. {near or list(modules)[1:9]}")
+        return modules[first_layer]
+    if first_layer is not None:
+        raise TypeError(f"first_layer must be a module, a module name or None, got {type(first_layer).__name__}")
+    base = getattr(model, "base_model", model)
+    for path in FIRST_LAYER_PATHS:
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, (torch.nn.ModuleList, torch.nn.Sequential)) and len(obj) > 0:
+            return obj[0]
+    raise ValueError(f"cannot find the first transformer block of {type(model).__name__} (looked for "
+                     f"base_model.{{{', '.join(FIRST_LAYER_PATHS)}}}[0]); pass first_layer= a module or its name")
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden states in a block's output: the output itself when it is a tensor, else its
+    first element (HF blocks of older versions return tuples).  Raises TypeError otherwise."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"the first layer returned {type(output).__name__}; expected a tensor or a tuple "
+                    f"starting with one")
+
+
+@contextlib.contextmanager
+def capture_output_grad(module, box: dict):
+    """While the block runs: every forward of ``module`` registers a hook on its hidden output
+    (:func:`hidden_of`) that stores the gradient reaching it in ``box["grad"]`` (the LAST
+    forward's gradient is what the next backward leaves there; detached, the output's shape and
+    dtype).  YOPO's co-state p = dL/d(first-layer output).  The forward hook is removed on exit,
+    also when the block raises.  Yields ``box``."""
+    def hook(mod, args, out):
+        h = hidden_of(out)
+        if h.requires_grad:
+            h.register_hook(lambda g: box.__setitem__("grad", g.detach()))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()

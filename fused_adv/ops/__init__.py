@@ -7,7 +7,7 @@ see fused_adv.ops._registry).  ``python -m fused_adv.info`` says what this insta
 Op families
 -----------
 Ops come in families (``weight``: FGM/FGSM/PGD/AWP; ``activation``: SiFT/FreeLB/SMART;
-``weight_ext``: MI-FGSM and the paper's AWP).  A family
+``weight_ext``: MI-FGSM and the paper's AWP; ``free``: the original FreeAT's sign step).  A family
 is one declarative :class:`~fused_adv.ops._library.OpFamily` record, and every family is registered
 the same way: :data:`FAMILIES` below lists the records, and ``_library.register(FAMILIES)`` (called
 once, at the end of this file) defines each schema, registers the torch backend where no native
@@ -39,7 +39,7 @@ Adding a family ``foo`` touches one new file per backend plus one record:
 tests/test_ops_contract.py then runs its family-wide checks (schemas defined once, every native
 kernel belongs to a record, fake impl and opcheck per op) on the new record without edits.
 """
-from fused_adv.ops import _library, activation, weight, weight_ext
+from fused_adv.ops import _library, activation, free, weight, weight_ext
 from fused_adv.ops._registry import BACKENDS, BackendUnavailableError, resolve, why_not
 from fused_adv.ops.activation import (
     attach_delta,
@@ -53,6 +53,7 @@ from fused_adv.ops.activation import (
     sift_update_,
     smart_update_,
 )
+from fused_adv.ops.free import freeat_update_
 from fused_adv.ops.weight import (
     awp_perturb_,
     fgm_perturb_,
@@ -65,7 +66,7 @@ from fused_adv.ops.weight import (
 from fused_adv.ops.weight_ext import awp_paper_add_, mifgsm_perturb_, multi_tensor_abssum
 
 # Every op family, in the order `python -m fused_adv.info` lists their ops.
-FAMILIES: tuple[_library.OpFamily, ...] = (weight.FAMILY, activation.FAMILY, weight_ext.FAMILY)
+FAMILIES: tuple[_library.OpFamily, ...] = (weight.FAMILY, activation.FAMILY, weight_ext.FAMILY, free.FAMILY)
 _library.register(FAMILIES)
 
 __all__ = [
@@ -75,4 +76,5 @@ __all__ = [
     "ln_delta_fwd", "ln_delta_bwd", "ln_delta", "attach_delta", "row_absmax_sumsq", "sift_perturb",
     "sift_update_", "smart_update_", "freelb_reduce", "freelb_update_",
     "multi_tensor_abssum", "mifgsm_perturb_", "awp_paper_add_",
+    "freeat_update_",
 ]
