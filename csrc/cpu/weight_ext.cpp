@@ -1,0 +1,144 @@
+// CPU kernels of the weight_ext ops (MI-FGSM, the AWP paper's perturb/restore):
+// TORCH_LIBRARY_IMPL(fused_adv, CPU).
+//
+// The math is fused_adv/_torch/weight_ext.py's, element for element; the per-tensor factors and
+// element steps are csrc/common/weight_ext_math.h's (shared with csrc/cuda/weight_ext.cu).  As in
+// csrc/cpu/weight.cpp: element math in float32 (float64 for double tensors), one rounding to the
+// stored dtype; reductions accumulate in double with one partial per fixed-size chunk summed in
+// chunk order (results independent of the thread count); backups are memcpy (bit-exact); each
+// phase is one parallel pass over the chunks of all tensors (multi_tensor.h).
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "common/weight_ext_math.h"
+#include "cpu/multi_tensor.h"
+
+namespace fused_adv {
+namespace cpu {
+namespace {
+
+using common::awp_paper_factor;
+using common::awp_paper_step;
+using common::mifgsm_step;
+using common::norm_ok;
+using common::opmath_t;
+
+void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  common::check_lists(op, c10::DeviceType::CPU, lists);
+}
+const float* check_scalars(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  return common::check_scalars(op, name, t, c10::Device(c10::DeviceType::CPU), n);
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t, const Chunk& ch) {
+  return static_cast<T*>(t.data_ptr()) + ch.begin;
+}
+
+// Sum of |x| over one chunk: eight lanes, float32 partials over 64 elements flushed to double
+// (the pattern of weight.cpp's chunk_sumsq: vectorizes, fixed combination order).
+template <typename T>
+double chunk_abssum(const T* __restrict__ x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, double>) {
+    for (; i + 64 <= n; i += 64) {
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int s = 0; s < 64; s += 8) {
+        for (int k = 0; k < 8; ++k) f[k] += std::fabs(static_cast<float>(x[i + s + k]));
+      }
+      for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+  }
+  for (; i < n; ++i) acc[i & 7] += std::fabs(static_cast<double>(static_cast<opmath_t<T>>(x[i])));
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
+  check_lists("multi_tensor_abssum", {{"tensors", tensors}});
+  const auto plan = plan_chunks(tensors);
+  std::vector<double> partials(plan.chunks.size());
+  for_each_chunk(plan, [&](int64_t c, const Chunk& ch) {
+    dispatch_float(tensors[ch.tensor].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      partials[c] = chunk_abssum(tensors[ch.tensor].template const_data_ptr<T>() + ch.begin, ch.end - ch.begin);
+    });
+  });
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) {
+    double s = 0;
+    for (int64_t c = plan.first[t]; c < plan.first[t + 1]; ++c) s += partials[c];
+    o[t] = static_cast<float>(s);
+  }
+  return out;
+}
+
+void mifgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta, at::TensorList backups,
+                        const at::Tensor& grad_abssum, double alpha, double epsilon, double decay, bool first) {
+  check_lists("mifgsm_perturb_", {{"params", params}, {"grads", grads}, {"momenta", momenta}, {"backups", backups}});
+  const int64_t N = static_cast<int64_t>(params.size());
+  const float* n1 = check_scalars("mifgsm_perturb_", "grad_abssum", grad_abssum, N);
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    const bool ok = norm_ok(n1[i]);
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using M = opmath_t<T>;
+      const int64_t len = ch.end - ch.begin;
+      T* p = ptr<T>(params[i], ch);
+      T* m = ptr<T>(momenta[i], ch);
+      T* b = ptr<T>(backups[i], ch);
+      if (first) std::memcpy(b, p, static_cast<size_t>(len) * sizeof(T));  // every tensor, guarded or not
+      if (!ok) {  // skipped: P and M unchanged; the momentum of a first step starts at 0
+        if (first) std::fill(m, m + len, T(0));
+        return;
+      }
+      const T* __restrict__ g = ptr<T>(grads[i], ch);
+      const M n = static_cast<M>(n1[i]), a = static_cast<M>(alpha), e = static_cast<M>(epsilon),
+              d = static_cast<M>(decay);
+      for (int64_t j = 0; j < len; ++j) {
+        const auto out = mifgsm_step<T>(p[j], g[j], first ? T(0) : m[j], b[j], n, a, e, d, first);
+        m[j] = out.m;
+        p[j] = out.p;
+      }
+    });
+  });
+}
+
+void awp_paper_add_cpu(at::TensorList params, at::TensorList dirs, const at::Tensor& param_sumsq,
+                       const at::Tensor& dir_sumsq, double scale, double coeff) {
+  check_lists("awp_paper_add_", {{"params", params}, {"dirs", dirs}});
+  const int64_t N = static_cast<int64_t>(params.size());
+  const float* wsq = check_scalars("awp_paper_add_", "param_sumsq", param_sumsq, N);
+  const float* dsq = check_scalars("awp_paper_add_", "dir_sumsq", dir_sumsq, N);
+  std::vector<float> f(N);
+  for (int64_t i = 0; i < N; ++i) f[i] = awp_paper_factor(wsq[i], dsq[i], static_cast<float>(scale));
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using M = opmath_t<T>;
+      T* __restrict__ p = ptr<T>(params[i], ch);
+      const T* __restrict__ d = ptr<T>(dirs[i], ch);
+      const M fi = static_cast<M>(f[i]), c = static_cast<M>(coeff);
+      const int64_t len = ch.end - ch.begin;
+      for (int64_t j = 0; j < len; ++j) p[j] = awp_paper_step<T>(p[j], d[j], fi, c);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_adv, CPU, m) {
+  m.impl("multi_tensor_abssum", &multi_tensor_abssum_cpu);
+  m.impl("mifgsm_perturb_", &mifgsm_perturb_cpu);
+  m.impl("awp_paper_add_", &awp_paper_add_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_adv
