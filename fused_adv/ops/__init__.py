@@ -7,12 +7,12 @@ see fused_adv.ops._registry).  ``python -m fused_adv.info`` says what this insta
 Op families
 -----------
 Ops come in families (``weight``: FGM/FGSM/PGD/AWP; ``activation``: SiFT/FreeLB/SMART;
-``weight_ext``: MI-FGSM and the paper's AWP; ``free``: the original FreeAT's sign step).  A family
-is one declarative :class:`~fused_adv.ops._library.OpFamily` record, and every family is registered
-the same way: :data:`FAMILIES` below lists the records, and ``_library.register(FAMILIES)`` (called
-once, at the end of this file) defines each schema, registers the torch backend where no native
-kernel exists and the fake impls, and fills the tables the backend registry reads.  Importing a
-family module registers nothing.
+``weight_ext``: MI-FGSM and the paper's AWP; ``free``: the original FreeAT's sign step; ``sam``:
+SAM / ASAM).  A family is one declarative :class:`~fused_adv.ops._library.OpFamily` record, and
+every family is registered the same way: :data:`FAMILIES` below lists the records, and
+``_library.register(FAMILIES)`` (called once, at the end of this file) defines each schema,
+registers the torch backend where no native kernel exists and the fake impls, and fills the tables
+the backend registry reads.  Importing a family module registers nothing.
 
 Adding a family ``foo`` touches one new file per backend plus one record:
 
@@ -39,7 +39,7 @@ Adding a family ``foo`` touches one new file per backend plus one record:
 tests/test_ops_contract.py then runs its family-wide checks (schemas defined once, every native
 kernel belongs to a record, fake impl and opcheck per op) on the new record without edits.
 """
-from fused_adv.ops import _library, activation, free, weight, weight_ext
+from fused_adv.ops import _library, activation, free, sam, weight, weight_ext
 from fused_adv.ops._registry import BACKENDS, BackendUnavailableError, resolve, why_not
 from fused_adv.ops.activation import (
     attach_delta,
@@ -54,6 +54,7 @@ from fused_adv.ops.activation import (
     smart_update_,
 )
 from fused_adv.ops.free import freeat_update_
+from fused_adv.ops.sam import sam_perturb_, sam_sumsq
 from fused_adv.ops.weight import (
     awp_perturb_,
     fgm_perturb_,
@@ -66,7 +67,8 @@ from fused_adv.ops.weight import (
 from fused_adv.ops.weight_ext import awp_paper_add_, mifgsm_perturb_, multi_tensor_abssum
 
 # Every op family, in the order `python -m fused_adv.info` lists their ops.
-FAMILIES: tuple[_library.OpFamily, ...] = (weight.FAMILY, activation.FAMILY, weight_ext.FAMILY, free.FAMILY)
+FAMILIES: tuple[_library.OpFamily, ...] = (weight.FAMILY, activation.FAMILY, weight_ext.FAMILY, free.FAMILY,
+                                            sam.FAMILY)
 _library.register(FAMILIES)
 
 __all__ = [
@@ -77,4 +79,5 @@ __all__ = [
     "sift_update_", "smart_update_", "freelb_reduce", "freelb_update_",
     "multi_tensor_abssum", "mifgsm_perturb_", "awp_paper_add_",
     "freeat_update_",
+    "sam_sumsq", "sam_perturb_",
 ]

@@ -10,10 +10,12 @@ from fused_adv.reference.freeat import FreeAT
 from fused_adv.reference.freelb import FreeLB
 from fused_adv.reference.mifgsm import MIFGSM
 from fused_adv.reference.pgd import PGD
+from fused_adv.reference.sam import SAM
 from fused_adv.reference.sift import AdversarialLearner, PerturbationLayer, hook_sift_layer, symmetric_kl
 from fused_adv.reference.smart import SMART, stable_kl, sym_kl_batchmean
 from fused_adv.reference.yopo import YOPO
 
-__all__ = ["FGM", "FGSM", "MIFGSM", "PGD", "AWP", "AdvWeightPerturb", "FreeLB", "SMART", "FreeAT", "YOPO", "stable_kl",
+__all__ = ["FGM", "FGSM", "MIFGSM", "PGD", "AWP", "AdvWeightPerturb", "FreeLB", "SMART", "FreeAT", "YOPO", "SAM",
+           "stable_kl",
            "sym_kl_batchmean",
            "hook_sift_layer", "AdversarialLearner", "PerturbationLayer", "symmetric_kl"]

@@ -1,0 +1,188 @@
+"""Fused drop-in SAM / ASAM, davda54/sam's class on the multi-tensor kernels (docs/methods.md §11 (SAM)).
+
+first_step: ONE multi-tensor reduction (the per-tensor sums of ((|P| if adaptive else 1)*G)^2 of
+every parameter with a gradient, one launch) and ONE pass that writes the backup and the perturbed
+weight, with the global norm combined on the device inside that pass (no host sync, no per-tensor
+``clone()``: the backups are allocated once and reused).  second_step: one bit-exact multi-tensor
+restore, then the base optimizer's step.  Parameter groups with different ``rho`` / ``adaptive``
+cost one extra launch per change of setting along the group list.
+
+GradScaler (docs/methods.md §11 (SAM), "AMP"): first_step may read the SCALED gradients -- the
+direction G/||G|| is scale-invariant and rho/(s*n + 1e-12) undoes a scale s up to the 1e-12 --
+and a non-finite clean gradient (the scaler's overflow case) skips the climb on the device; the
+second gradient goes through the scaler: ``second_step(scaler=scaler)`` restores, then calls
+``scaler.step(self.base_optimizer)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_adv import ops
+from fused_adv.methods._common import AttackStateError
+
+
+class SAM(torch.optim.Optimizer):
+    """``SAM(params, base_optimizer, rho=0.05, adaptive=False, *, backend='auto', **kwargs)``:
+    the same constructor, methods and numbers as davda54's class (``fused_adv.reference.SAM``).
+
+    Args:
+        params: parameters or param-group dicts (a group may set its own ``rho`` / ``adaptive``).
+        base_optimizer: the optimizer CLASS; built as ``base_optimizer(self.param_groups,
+            **kwargs)``, it shares SAM's param groups (``self.param_groups is
+            self.base_optimizer.param_groups``).
+        rho: neighbourhood radius (>= 0).  adaptive: ASAM (scale by |P|).
+        backend: 'auto' | 'cuda' | 'triton' | 'cpp' | 'torch' for the kernels.
+        kwargs: the base optimizer's arguments (also SAM's defaults, as in the original).
+
+    Every parameter with a gradient takes part; all of them must live on one device (the global
+    norm is combined there) and be contiguous.  Backups are kept in ``state[p]["old_p"]`` (as the
+    original), allocated once per parameter and reused.
+
+    Raises ValueError for a negative rho, TypeError when ``base_optimizer`` is an optimizer
+    instance instead of its class.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
+                 backend: str = "auto", **kwargs):
+        if not rho >= 0.0:
+            raise ValueError(f"Invalid rho, should be non-negative: {rho}")
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise TypeError("SAM(params, base_optimizer, ...): base_optimizer must be the optimizer CLASS "
+                            f"(e.g. torch.optim.SGD) plus its kwargs, got {type(base_optimizer).__name__} "
+                            "instance; SAM builds it on its own param groups")
+        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
+        super().__init__(params, defaults)
+
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.backend = backend
+        self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, backups)
+
+    # -- the two steps --------------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climbs to w + e(w): per parameter with a gradient, B <- P and
+        P <- P + (P^2 if adaptive else 1) * G * rho / (||(|P| if adaptive else 1) * G|| + 1e-12),
+        the norm global over every parameter with a gradient (each group's own rho and adaptive).
+        A non-finite norm (inf/NaN gradient, e.g. a GradScaler overflow) leaves P unchanged,
+        decided on the device.  Then ``zero_grad()`` if asked.
+
+        Mutates the parameters and their backups in place; reads no value back to the host.
+        Raises AttackStateError when the weights are already perturbed (first_step twice),
+        ValueError for parameters on several devices, non-contiguous parameters or negative rho,
+        TypeError for sparse gradients."""
+        if self._perturbed is not None:
+            raise AttackStateError("SAM.first_step() called twice without second_step(): the weights are "
+                                   "already at w + e(w); call second_step() (or restore()) first")
+        params, grads, backups, runs = [], [], [], []  # runs: [start, end, rho, adaptive]
+        for group in self.param_groups:
+            rho, adaptive = group["rho"], bool(group["adaptive"])
+            if not rho >= 0:
+                raise ValueError(f"SAM: param group rho must be >= 0, got {rho}")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("SAM does not support sparse gradients (nn.Embedding(sparse=True))")
+                if runs and runs[-1][2] == rho and runs[-1][3] == adaptive:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([len(params), len(params) + 1, rho, adaptive])
+                params.append(p.detach())
+                grads.append(p.grad)
+                backups.append(self._backup_of(p))
+        if not params:
+            raise ValueError("SAM.first_step(): no parameter has a gradient; call backward() first")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"SAM (fused): parameters on several devices {sorted(map(str, devices))}; the one "
+                             "global norm is combined on one device. Use fused_adv.reference.SAM for model "
+                             "parallelism")
+        # One reduction per run of groups with the same `adaptive` (one in the usual model).
+        sums, start = [], 0
+        for i, (a, b, _rho, adaptive) in enumerate(runs):
+            if i + 1 < len(runs) and runs[i + 1][3] == adaptive:
+                continue
+            sums.append(ops.sam_sumsq(params[start:b], grads[start:b], adaptive, backend=self.backend))
+            start = b
+        grad_sumsq = sums[0] if len(sums) == 1 else torch.cat(sums)
+        for a, b, rho, adaptive in runs:
+            ops.sam_perturb_(params[a:b], grads[a:b], backups[a:b], grad_sumsq, rho, adaptive,
+                             backend=self.backend)
+        self._perturbed = (params, backups)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler=None) -> None:
+        """Restores w (bit-exact) and takes the base optimizer's step with the current gradients
+        (those of the second forward/backward, at w + e(w)): ``self.base_optimizer.step()``, or
+        with a GradScaler ``scaler.step(self.base_optimizer)`` (it unscales unless you already
+        called ``scaler.unscale_(sam.base_optimizer)`` for clipping, and skips the step on
+        inf/NaN; call ``scaler.update()`` afterwards).  Then ``zero_grad()`` if asked.
+
+        Raises AttackStateError without a prior first_step (nothing to restore)."""
+        if self._perturbed is None:
+            raise AttackStateError("SAM.second_step() called without first_step(): the weights are not "
+                                   "perturbed, so there is nothing to restore")
+        self.restore()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler.step(self.base_optimizer)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Puts w back (bit-exact, one multi-tensor copy) without stepping: for loops that step
+        the base optimizer themselves.  Raises AttackStateError when nothing is perturbed."""
+        if self._perturbed is None:
+            raise AttackStateError("SAM.restore() called without first_step()")
+        params, backups = self._perturbed
+        ops.restore_(params, backups, backend=self.backend)
+        self._perturbed = None
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between first_step and second_step / restore."""
+        return self._perturbed is not None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """first_step(zero_grad=True), ``closure()`` (under enable_grad: a full forward/backward
+        at w + e(w)), second_step().  Returns None, as the original.  If the closure raises, the
+        weights are restored before the exception propagates (nothing is left perturbed and the
+        base optimizer does not step).  Raises TypeError without a closure."""
+        if closure is None:
+            raise TypeError("Sharpness Aware Minimization requires closure, but it was not provided "
+                            "(or call first_step() / second_step() yourself)")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+
+    def load_state_dict(self, state_dict):
+        """As torch.optim.Optimizer's, then re-shares the param groups with the base optimizer.
+        Raises AttackStateError while the weights are perturbed."""
+        if self._perturbed is not None:
+            raise AttackStateError("SAM.load_state_dict() while the weights are perturbed; call second_step() "
+                                   "or restore() first")
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
+
+    # -- internals ---------------------------------------------------------------------------
+    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
+        """state[p]["old_p"], allocated once (contiguous, p's shape/dtype/device) and reused."""
+        st = self.state[p]
+        b = st.get("old_p")
+        if (b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+                or not b.is_contiguous()):
+            b = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
+            st["old_p"] = b
+        return b
