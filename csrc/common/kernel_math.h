@@ -23,6 +23,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <limits>
 
 namespace fused_adv {
 namespace common {
@@ -58,14 +59,24 @@ C10_HOST_DEVICE inline double abs_(double a) { return ::fabs(a); }
 
 // ---- guards and NaN-propagating comparisons ------------------------------------------------
 // NaN-propagating max / min (torch.maximum / torch.minimum, unlike std::max): a NaN operand gives
-// NaN, the first NaN operand itself.  Equal values (+0 and -0 included) give b.
+// NaN.  Which NaN is ATen's own choice on each side: on the device the NaN operand itself (ATen's
+// CUDA maximum), on the host the canonical quiet NaN (ATen's scalar CPU maximum), so both
+// backends keep the exact bits they have always produced.  Equal values (+0, -0) give b.
 template <typename M>
 C10_HOST_DEVICE inline M nan_max(M a, M b) {
+#if defined(__CUDA_ARCH__)
   return (a != a) ? a : (b != b) ? b : (a > b ? a : b);
+#else
+  return (a != a || b != b) ? std::numeric_limits<M>::quiet_NaN() : (a > b ? a : b);
+#endif
 }
 template <typename M>
 C10_HOST_DEVICE inline M nan_min(M a, M b) {
+#if defined(__CUDA_ARCH__)
   return (a != a) ? a : (b != b) ? b : (a < b ? a : b);
+#else
+  return (a != a || b != b) ? std::numeric_limits<M>::quiet_NaN() : (a < b ? a : b);
+#endif
 }
 
 // torch.clamp(v, lo, hi): NaN stays NaN (every comparison with it is false).

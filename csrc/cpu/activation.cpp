@@ -400,7 +400,7 @@ at::Tensor freelb_reduce_cpu(const at::Tensor& delta, const at::Tensor& grad, bo
     for (int64_t c = 0; c < nchunk; ++c) {
       const double* pp = part.data() + 3 * (s * nchunk + c);
       if (linf) {
-        acc[0] = nan_max(pp[0], acc[0]);  // a chunk's NaN is quiet_NaN(): the same bits either way
+        acc[0] = nan_max(pp[0], acc[0]);  // NaN-propagating (quiet_NaN() on the host)
       } else {
         for (int k = 0; k < 3; ++k) acc[k] += pp[k];
       }
