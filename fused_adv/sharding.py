@@ -395,7 +395,7 @@ class Localized:
     def sharded(self) -> bool:
         return bool(self.plan.groups)
 
-    def reduce(self, stats: Tensor, op: str = "sum", *, dim: int = 0) -> Tensor:
+    def reduce(self, stats: Tensor, op: str = "sum", *, dim: int = 0, slots: bool = False) -> Tensor:
         """Reduces per-tensor statistics over the ranks that share each tensor.
 
         ``stats``: float tensor whose dimension ``dim`` has size L (one entry per live local piece,
@@ -407,17 +407,26 @@ class Localized:
         of the N tensors (none when nothing is sharded: ``stats`` comes back as is) and never
         reads a value to the host.  Every rank must call it (the same calls, in the same order),
         also a rank with no live piece (L = 0: pass the empty result of the op).  ``stats`` may
-        be overwritten."""
+        be overwritten.
+
+        ``slots=True`` returns the reduction for all N parameters instead (size N along ``dim``,
+        in the order given to :func:`localize`; the fill value, 0 or -inf, where no rank has a
+        live piece): what a GLOBAL statistic needs (SAM's one norm over every parameter sums
+        this vector, so tensors held only by other ranks count too, replicated ones once)."""
         if op not in _OPS:
             raise ValueError(f"fused_adv: reduce op must be 'sum' or 'max', got {op!r}")
         plan = self.plan
-        if not plan.groups:
+        if not plan.groups and not (slots and len(self.live) != len(self.locals)):
             return stats
         if stats.shape[dim] != len(self.live):
             raise ValueError(f"fused_adv: stats has {stats.shape[dim]} entries along dim {dim} but there are "
                              f"{len(self.live)} live local tensors")
         reduce_op, fill = _OPS[op]
         moved = stats.movedim(dim, 0) if dim != 0 else stats
+        if not plan.groups:  # unsharded, slots=True with some parameters not live: scatter only
+            full = torch.full((len(self.locals), *moved.shape[1:]), fill, dtype=moved.dtype, device=moved.device)
+            full.index_copy_(0, _index(self.live, moved.device), moved)
+            return full.movedim(0, dim) if dim != 0 else full
         if plan.live_idx is None:
             full = moved.contiguous()
         else:
@@ -432,7 +441,7 @@ class Localized:
                 buf = full.index_select(0, rows)
                 dist.all_reduce(buf, op=reduce_op, group=group)
                 full.index_copy_(0, rows, buf)
-        out = full if plan.live_idx is None else full.index_select(0, plan.live_idx)
+        out = full if (slots or plan.live_idx is None) else full.index_select(0, plan.live_idx)
         return out.movedim(0, dim) if dim != 0 else out
 
 

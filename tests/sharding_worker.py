@@ -208,6 +208,15 @@ def scenario_fsdp2(rank, world):
                  loc.locals[i].data_ptr() == own.data_ptr())
     check_reductions(chk, counter, loc, full_p, full_g, 0.9, 1, "fsdp2")
     # A plan is reused: a second localize builds no new index tensors but the same reductions.
+    # slots=True: the per-tensor sums for every parameter (0 for ``unused``, no grad anywhere),
+    # also those this rank holds nothing of: their sum is the global norm SAM needs.
+    with counter.counting():
+        every = loc.reduce(ops.multi_tensor_sumsq(loc.grads), slots=True)
+        chk.equal("slots=True collectives", counter.take(), 1)
+    want = torch.stack([g.double().pow(2).sum() if g is not None else torch.zeros((), dtype=torch.float64)
+                        for g in full_g])
+    chk.close("slots=True per-tensor sums", every, want)
+    chk.close("global norm^2 from slots=True", every.sum(), want.sum())
     loc2 = layout.localize(params, grads)
     chk.true("plan cached", loc2.plan is loc.plan)
     pieces = layout.pieces(params)
@@ -376,6 +385,10 @@ def scenario_fsdp1(rank, world):
         got = loc_a.reduce(ops.multi_tensor_sumsq(loc_a.grads))
         chk.equal("a-only collectives", counter.take(), 1)
     chk.close("a-only sumsq", got, full_g[ia].double().pow(2).sum().reshape(1) if rank == 0 else torch.zeros(0))
+    with counter.counting():  # slots=True: rank 1, holding nothing of a, still gets a's sum
+        got = loc_a.reduce(ops.multi_tensor_sumsq(loc_a.grads), slots=True)
+        chk.equal("a-only slots=True collectives", counter.take(), 1)
+    chk.close("a-only slots=True sumsq", got, full_g[ia].double().pow(2).sum().reshape(1))
     eps = 0.5
     backups = [torch.empty_like(t) for t in loc.params]
     with counter.counting():

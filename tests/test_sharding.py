@@ -94,6 +94,10 @@ def test_unsharded_is_free():
     stats = ops.multi_tensor_sumsq(loc.grads)
     assert loc.reduce(stats) is stats
     assert [t.data_ptr() for t in ShardingLayout().pieces(params)] == [p.data_ptr() for p in params]
+    every = loc.reduce(stats.clone(), slots=True)  # one row per parameter, 0 where no grad
+    torch.testing.assert_close(every, torch.stack([grads[0].pow(2).sum(), torch.zeros(())]))
+    both = loc.reduce(torch.stack([stats, stats + 1]), dim=1, slots=True)
+    assert both.shape == (2, 2) and both[1, 1] == 0 and both[1, 0] == stats[0] + 1
     torch.testing.assert_close(stats, grads[0].pow(2).sum().reshape(1))
 
 
