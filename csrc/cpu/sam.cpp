@@ -1,0 +1,125 @@
+// CPU kernels of the sam ops (SAM / ASAM): TORCH_LIBRARY_IMPL(fused_adv, CPU).
+//
+// The math is fused_adv/_torch/sam.py's, element for element; the factor and element step are
+// csrc/common/sam_math.h's (shared with csrc/cuda/sam.cu).  As csrc/cpu/weight.cpp: element math
+// in float32 (float64 for double tensors), one rounding to the stored dtype; reductions accumulate
+// float32 partials over 64 elements flushed to double, one partial per fixed-size chunk summed in
+// chunk order (results independent of the thread count); backups are memcpy (bit-exact); each
+// phase is one parallel pass over the chunks of all tensors (multi_tensor.h).
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "common/sam_math.h"
+#include "cpu/multi_tensor.h"
+
+namespace fused_adv {
+namespace cpu {
+namespace {
+
+using common::opmath_t;
+using common::sam_scale;
+using common::sam_step;
+using common::sam_term;
+
+template <typename T>
+T* ptr(const at::Tensor& t, const Chunk& ch) {
+  return static_cast<T*>(t.data_ptr()) + ch.begin;
+}
+
+// Sum of sam_term^2 over one chunk: eight lanes of float32 partials over 64 elements flushed to
+// double (vectorizes; fixed combination order), double throughout for double tensors.
+template <bool ADAPTIVE, typename T>
+double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, double>) {
+    for (; i + 64 <= n; i += 64) {
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int s = 0; s < 64; s += 8) {
+        for (int k = 0; k < 8; ++k) {
+          const float v = sam_term<ADAPTIVE, T>(ADAPTIVE ? p[i + s + k] : T(0), g[i + s + k]);
+          f[k] += v * v;
+        }
+      }
+      for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(sam_term<ADAPTIVE, T>(ADAPTIVE ? p[i] : T(0), g[i]));
+    acc[i & 7] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adaptive) {
+  common::check_lists("sam_sumsq", c10::DeviceType::CPU, {{"params", params}, {"grads", grads}});
+  const auto plan = plan_chunks(params);
+  std::vector<double> partials(plan.chunks.size());
+  for_each_chunk(plan, [&](int64_t c, const Chunk& ch) {
+    dispatch_float(params[ch.tensor].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* p = ptr<T>(params[ch.tensor], ch);
+      const T* g = ptr<T>(grads[ch.tensor], ch);
+      partials[c] = adaptive ? chunk_sam_sumsq<true>(p, g, ch.end - ch.begin)
+                             : chunk_sam_sumsq<false>(p, g, ch.end - ch.begin);
+    });
+  });
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) {
+    double s = 0;
+    for (int64_t c = plan.first[t]; c < plan.first[t + 1]; ++c) s += partials[c];
+    o[t] = static_cast<float>(s);
+  }
+  return out;
+}
+
+template <bool ADAPTIVE, typename T>
+void sam_chunk(T* __restrict__ p, const T* __restrict__ g, opmath_t<T> scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = sam_step<ADAPTIVE, T>(p[j], g[j], scale);
+}
+
+void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     const at::Tensor& grad_sumsq, double rho, bool adaptive) {
+  common::check_lists("sam_perturb_", c10::DeviceType::CPU,
+                      {{"params", params}, {"grads", grads}, {"backups", backups}});
+  TORCH_CHECK(grad_sumsq.dim() == 1, "fused_adv::sam_perturb_: grad_sumsq must be a vector, got ",
+              grad_sumsq.sizes());
+  const int64_t M = grad_sumsq.size(0);
+  const float* gsq = common::check_scalars("sam_perturb_", "grad_sumsq", grad_sumsq,
+                                           c10::Device(c10::DeviceType::CPU), M);
+  // The one global norm: float64 sum in index order, rounded to float32 (the torch backend's).
+  double total = 0;
+  for (int64_t k = 0; k < M; ++k) total += static_cast<double>(gsq[k]);
+  const auto f = sam_scale(static_cast<float>(total), static_cast<float>(rho));
+  const auto plan = plan_chunks(params);
+  for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+    const int64_t i = ch.tensor;
+    dispatch_float(params[i].scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const int64_t len = ch.end - ch.begin;
+      T* p = ptr<T>(params[i], ch);
+      std::memcpy(ptr<T>(backups[i], ch), p, static_cast<size_t>(len) * sizeof(T));  // always
+      if (!f.ok) return;  // non-finite global norm: P stays bit for bit
+      const T* g = ptr<T>(grads[i], ch);
+      const opmath_t<T> s = static_cast<opmath_t<T>>(f.scale);
+      if (adaptive) {
+        sam_chunk<true, T>(p, g, s, len);
+      } else {
+        sam_chunk<false, T>(p, g, s, len);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_adv, CPU, m) {
+  m.impl("sam_sumsq", &sam_sumsq_cpu);
+  m.impl("sam_perturb_", &sam_perturb_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_adv
