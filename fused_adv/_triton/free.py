@@ -37,8 +37,12 @@ def _freeat_update_kernel(
     mask = offs < N
     # the scalars in the math dtype: float32 takes the rounding of the double (hi), float64 the
     # exact sum of the parts
-    step = (s_hi.to(OPMATH) + s_mid.to(OPMATH)) + s_lo.to(OPMATH)
-    clip = (c_hi.to(OPMATH) + c_mid.to(OPMATH)) + c_lo.to(OPMATH)
+    if OPMATH == tl.float64:
+        step = tl.full([], 0, tl.float64) + s_hi + s_mid + s_lo
+        clip = tl.full([], 0, tl.float64) + c_hi + c_mid + c_lo
+    else:
+        step = s_hi
+        clip = c_hi
     n = tl.load(NOISE + offs, mask=mask, other=0.0).to(OPMATH)
     g = tl.load(G + offs, mask=mask, other=0.0).to(OPMATH)
     sgn = (g > 0).to(OPMATH) - (g < 0).to(OPMATH)
