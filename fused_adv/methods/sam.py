@@ -59,6 +59,28 @@ class SAM(torch.optim.Optimizer):
         self.backend = backend
         self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, backups)
 
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False, *,
+                       backend: str = "auto") -> "SAM":
+        """SAM around an optimizer that already exists (a Trainer's, a scheduler's target): it
+        becomes ``base_optimizer`` and SAM shares its param groups, adding ``rho`` / ``adaptive``
+        to the groups that lack them (a group's own values win).  The optimizer, its state and its
+        schedulers are untouched.  Raises TypeError for a non-optimizer, ValueError for rho < 0."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"SAM.from_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not rho >= 0.0:
+            raise ValueError(f"Invalid rho, should be non-negative: {rho}")
+        self = cls.__new__(cls)
+        # Optimizer.__init__ puts the defaults into the given group dicts in place (setdefault) and
+        # keeps those same dicts, which is how the original shares groups with its base optimizer.
+        torch.optim.Optimizer.__init__(self, optimizer.param_groups, dict(rho=rho, adaptive=adaptive))
+        self.base_optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.defaults.update(optimizer.defaults)
+        self.backend = backend
+        self._perturbed = None
+        return self
+
     # -- the two steps --------------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
