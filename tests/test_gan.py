@@ -86,11 +86,27 @@ def test_generator_loss_saturated_d():
     loss.backward()
     assert d.grad.flatten().tolist() == [0.0, 0.0]
     assert adv.grad.flatten().tolist() == pytest.approx([-0.7, -0.7])
-    # D0 saturated at 0 -> P0 = 1e7 -> r tiny -> clipped to 0.6 for A>0 (min picks r A), A<0 max picks rA
+    # D0 saturated at 0 -> P0 = 1e7 -> r = 0.5/(0.5e7) = 1e-7 < 1 - c, never clipped: min picks rA for
+    # A > 0 and max picks rA for A < 0
     p0 = frozen_p_old(t(0.0, 0.0))
-    loss = ppo_generator_loss(t(0.5, 0.5), p0, t(1.0, -1.0))
-    assert math.isfinite(loss.item())
-    assert loss.item() == pytest.approx(-(1e-7 - 1e-7) / 2, abs=1e-12)
+    loss = ppo_generator_loss(t(0.5, 0.5), p0, t(1.0, -3.0))
+    assert loss.item() == pytest.approx(-(1e-7 - 3e-7) / 2, rel=1e-9)
+    # D0 saturated at 1 -> P0 = 0 -> r = (1 - D1)*1e7, clipped to 1 + c for either sign of A
+    loss = ppo_generator_loss(t(0.5, 0.5), frozen_p_old(t(1.0, 1.0)), t(1.0, -3.0))
+    assert loss.item() == pytest.approx(-(1.4 - 3 * 1.4) / 2, rel=1e-12)
+
+
+def test_clip_binds_exactly_above_one_plus_c():
+    # with the max branch for A <= 0, the clipped constant wins (no gradient through r) iff r > 1 + c,
+    # whatever the sign of A != 0; r < 1 - c is never clipped (what PPOGAN's clipped_frac counts)
+    from fused_adv.gan import clipped_surrogate
+
+    g = torch.Generator().manual_seed(3)
+    r = (torch.rand(400, 1, generator=g, dtype=f64) * 3).requires_grad_()
+    a = torch.randn(400, 1, generator=g, dtype=f64)
+    keep = ((r - 0.6).abs() > 1e-9) & ((r - 1.4).abs() > 1e-9)
+    clipped_surrogate(r, a, 0.4).sum().backward()
+    assert torch.equal((r.grad == 0)[keep], (r > 1.4).detach()[keep])
 
 
 @pytest.mark.parametrize("which", ["d_new", "p_old", "advantage"])
@@ -340,6 +356,7 @@ def test_train_step_baseline_and_options():
     gan = PPOGAN(G, C, D, *make_optimizers(G, C, D, cfg), cfg)
     stats = gan.train_step(iter(data))
     assert stats["ct"] > 0 and math.isfinite(stats["critic_loss"])
+    assert 0 <= stats["clipped_frac"] <= 1 and 0 <= stats["below_frac"] <= 1 and 0 < stats["d_fake"] < 1
     with pytest.raises(ValueError, match="ratio classifier"):
         PPOGAN(G, C, None, opt_g, opt_c, None, PPOGANConfig())
     with pytest.raises(ValueError):
@@ -377,3 +394,15 @@ def test_gan_demo_tiny(tmp_path):
     assert res["real_reference"]["score"] > 3.0
     md = (tmp_path / "gan_demo.md").read_text()
     assert "wgan-gp" in md and "ppo-rw" in md and "±" in md
+
+
+def test_measure_counts_kernels():
+    from fused_adv.gan.measure import markdown, measure
+
+    res = measure(batch_size=8, hidden=8, nz=4, reps=2, compile_loss=False)
+    rows = {r["step"]: r for r in res["rows"]}
+    g, c = rows["generator_step"], rows["critic_step"]
+    # the loss is a part of its step: fewer kernels, and the step's forward/backward dominate
+    assert 0 < g["loss_kernels"] < g["step_kernels"] and 0 < c["loss_kernels"] < c["step_kernels"]
+    assert g["loss_us"] > 0 and c["step_us"] > 0
+    assert "generator_step" in markdown(res)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from fused_adv.gan.train import PPOGAN, PPOGANConfig, make_optimizers
 
 VARIANTS = ("wgan-gp", "ppo-rw")
+#: variant -> (ratio clipping, sample reweighting); "ppo" and "rw" are the one-ingredient ablations
+VARIANT_FLAGS = {"wgan-gp": (False, False), "ppo-rw": (True, True), "ppo": (True, False), "rw": (False, True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +196,9 @@ def run_variant(variant: str, seed: int, x_train: torch.Tensor, scorer: Scorer, 
     G = Generator(args.nz, args.hidden)
     critic = Critic(args.hidden, args.dropout)
     D = RatioClassifier(args.hidden)  # built for both variants so both consume the same RNG draws
-    ppo = variant == "ppo-rw"
+    ppo, rw = VARIANT_FLAGS[variant]
     cfg = PPOGANConfig(nz=args.nz, diters=args.diters, ppo_iters=args.ppo_iters, clip=args.clip, lr=args.lr,
-                       ratio_clip=ppo, reweight=ppo, consistency=args.consistency)
+                       ratio_clip=ppo, reweight=rw, consistency=args.consistency)
     opt_g, opt_c, opt_d = make_optimizers(G, critic, D if ppo else None, cfg)
     # the official linear decay of every learning rate to 0 over the run, stepped once per round
     decay = lambda r: max(0.0, 1.0 - r / args.rounds)  # noqa: E731
@@ -210,22 +212,22 @@ def run_variant(variant: str, seed: int, x_train: torch.Tensor, scorer: Scorer, 
     eval_z = torch.randn(args.eval_samples, args.nz, generator=torch.Generator().manual_seed(seed + 2))
     curve = []
 
-    def evaluate(r):
+    def evaluate(r, stats):
         G.eval()
         with torch.no_grad():
             cs, fd = scorer(G(eval_z))
         G.train()
-        curve.append({"round": r, "score": cs, "fd": fd})
+        curve.append({"round": r, "score": cs, "fd": fd, **stats})
 
     t0 = time.perf_counter()
-    evaluate(0)
+    evaluate(0, {})
     stats = {}
     for r in range(1, args.rounds + 1):
         stats = gan.train_step(batches)
         for s in scheds:
             s.step()
         if r % args.eval_every == 0 or r == args.rounds:
-            evaluate(r)
+            evaluate(r, stats)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(score=f"{curve[-1]['score']:.2f}", fd=f"{curve[-1]['fd']:.1f}", refresh=False)
@@ -248,12 +250,21 @@ def _mean_std(vals):
 
 def summarize(runs: list[dict], real_ref: dict) -> list[dict]:
     rows = []
-    for v in VARIANTS:
+    for v in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == v]
         cs, fd, wall = _mean_std([r["score"] for r in rs]), _mean_std([r["fd"] for r in rs]), _mean_std(
             [r["wall_s"] for r in rs])
-        rows.append({"variant": v, "seeds": len(rs), "score_mean": cs[0], "score_std": cs[1], "fd_mean": fd[0],
-                     "fd_std": fd[1], "wall_s_mean": wall[0]})
+        row = {"variant": v, "seeds": len(rs), "score_mean": cs[0], "score_std": cs[1], "fd_mean": fd[0],
+               "fd_std": fd[1], "wall_s_mean": wall[0]}
+        if "clipped_frac" in rs[0]["last_losses"]:
+            # the ratio classifier's state over the run: share of samples with r > 1 + c (no
+            # gradient through r) and mean D(G(z)), averaged over the evaluation points and seeds
+            pts = [p for r in rs for p in r["curve"][1:]]
+            row["clipped_frac"] = statistics.fmean(p["clipped_frac"] for p in pts)
+            row["below_frac"] = statistics.fmean(p["below_frac"] for p in pts)
+            row["d_fake"] = statistics.fmean(p["d_fake"] for p in pts)
+            row["ratio_loss"] = statistics.fmean(p["ratio_loss"] for p in pts)
+        rows.append(row)
     rows.append({"variant": "real (held-out)", "seeds": 1, "score_mean": real_ref["score"], "score_std": 0.0,
                  "fd_mean": real_ref["fd"], "fd_std": 0.0, "wall_s_mean": 0.0})
     return rows
@@ -276,7 +287,7 @@ def save_grid(images: torch.Tensor, path: Path, title: str) -> None:
     n = images.shape[0]
     cols = 10
     rows = math.ceil(n / cols)
-    canvas = torch.ones(rows * 9 - 1, cols * 9 - 1)
+    canvas = torch.zeros(rows * 9 - 1, cols * 9 - 1)  # white gaps in gray_r
     for i, img in enumerate(images.reshape(n, 8, 8)):
         r, c = divmod(i, cols)
         canvas[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = (img + 1) / 2
@@ -297,7 +308,8 @@ def save_curves(runs: list[dict], real_ref: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, ax, label in (("score", axes[0], "classifier score (higher is better)"),
                            ("fd", axes[1], "Fréchet distance (lower is better)")):
-        for v, color in zip(VARIANTS, ("tab:blue", "tab:red")):
+        variants = list(dict.fromkeys(r["variant"] for r in runs))
+        for v, color in zip(variants, ("tab:blue", "tab:red", "tab:green", "tab:orange")):
             rs = [r for r in runs if r["variant"] == v]
             xs = [p["round"] for p in rs[0]["curve"]]
             vals = torch.tensor([[p[key] for p in r["curve"]] for r in rs], dtype=torch.float64)
@@ -321,6 +333,8 @@ def save_curves(runs: list[dict], real_ref: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated, from wgan-gp, ppo-rw, ppo (clipping only), rw (reweighting only)")
     p.add_argument("--rounds", type=int, default=300, help="training rounds per run (default 300)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--nz", type=int, default=32, help="latent size")
@@ -361,14 +375,18 @@ def main_args(args: argparse.Namespace) -> int:
     real_ref = {"score": real_score, "fd": real_fd}
 
     runs = []
-    total = args.seeds * len(VARIANTS) * args.rounds
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANT_FLAGS]
+    if bad or not variants:
+        raise SystemExit(f"--variants: unknown {bad}; choose from {', '.join(VARIANT_FLAGS)}")
+    total = args.seeds * len(variants) * args.rounds
     with tqdm(total=total, desc="gan-demo", unit="round", disable=args.quiet, file=sys.stderr) as bar:
         for seed in range(args.seeds):
-            for v in VARIANTS:
+            for v in variants:
                 bar.set_description(f"{v} seed {seed}")
                 runs.append(run_variant(v, seed, x_gan, scorer, args, bar))
 
-    for v in VARIANTS:
+    for v in variants:
         first = next(r for r in runs if r["variant"] == v)
         save_grid(first["_grid"], out / f"samples_{v}.png",
                   f"{v}, seed 0, round {args.rounds}: score {first['score']:.2f}, FD {first['fd']:.2f}")
@@ -387,9 +405,15 @@ def main_args(args: argparse.Namespace) -> int:
     (out / "gan_demo.json").write_text(json.dumps(res, indent=1))
     md = [f"# fused-adv gan-demo ({meta['date']}, {meta['cpu']}, torch {meta['torch']}, {args.threads} thread(s))", "",
           f"Digits: {len(x_gan)} images train the GANs, {len(x_held)} held-out images train the scoring classifier "
-          f"(validation accuracy {clf_acc:.3f}). Scores of 1000 samples after {args.rounds} rounds "
+          f"(validation accuracy {clf_acc:.3f}). Scores of {args.eval_samples} samples after {args.rounds} rounds "
           f"(Diters {args.diters} + PPO_iters {args.ppo_iters}), mean ± std over {args.seeds} seeds; "
           f"'real (held-out)' scores the held-out real digits the same way.", "", table, "",
+          *[f"{r['variant']}: over the run (evaluation points, all seeds) the ratio classifier's BCE averaged "
+            f"{r['ratio_loss']:.3g}, mean D(G(z)) {r['d_fake']:.3g}, and {100 * r['clipped_frac']:.1f}% of the "
+            f"generator's samples had r > 1 + c (clipped: no gradient through r), "
+            f"{100 * r['below_frac']:.1f}% had r < 1 − c (gradient through the critic scaled by r)."
+            for r in rows if "clipped_frac" in r],
+          "",
           f"Total wall time {wall:.0f} s."]
     (out / "gan_demo.md").write_text("\n".join(md) + "\n")
     print(table)

@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from fused_adv.gan.losses import (consistency_term, critic_scores, frozen_p_old, gradient_penalty,
-                                  ppo_generator_loss, ratio_classifier_loss, wgan_critic_loss)
+from fused_adv.gan.losses import (clipped_surrogate, consistency_term, critic_scores, frozen_p_old,
+                                  gradient_penalty, probability_ratio, ratio_classifier_loss, wgan_critic_loss)
 
 
 @dataclass
@@ -157,11 +157,18 @@ class PPOGAN:
         self.ratio_steps += 1
         return loss.detach()
 
-    def generator_step(self, z: torch.Tensor, p_old: torch.Tensor | None) -> torch.Tensor:
+    def generator_step(self, z: torch.Tensor, p_old: torch.Tensor | None) -> dict:
         """One generator update on the fixed latents ``z``: the clipped surrogate against the
-        frozen ``p_old`` (or −mean f(G(z)) when ``p_old`` is None). One G forward feeds both
-        the ratio classifier and the critic (the official code runs G twice on the same z:
-        identical outputs unless G is stochastic; batch-norm running stats move once, not twice)."""
+        frozen ``p_old`` (``ppo_generator_loss``, computed from its two pieces so that r is at
+        hand), or −mean f(G(z)) when ``p_old`` is None. One G forward feeds both the ratio
+        classifier and the critic (the official code runs G twice on the same z: identical
+        outputs unless G is stochastic; batch-norm running stats move once, not twice).
+
+        Returns 0-d tensors: ``generator_loss``; with ``p_old`` also ``clipped_frac``, the share
+        of samples with r > 1 + c (with the official max branch for A ≤ 0 exactly those get no
+        gradient through r, whatever the sign of A ≠ 0), ``below_frac``, the share with
+        r < 1 − c (never clipped: their gradient through A is scaled by r), and ``d_fake``, mean
+        D(G(z))."""
         self.opt_g.zero_grad(set_to_none=True)
         with _frozen(self.critic, self.ratio_classifier):
             fake = self.generator(z)
@@ -169,11 +176,19 @@ class PPOGAN:
             if p_old is None:
                 loss = -adv.mean()
             else:
-                loss = ppo_generator_loss(self.ratio_classifier(fake), p_old, adv, self.config.clip)
+                d_new = self.ratio_classifier(fake)
+                ratio = probability_ratio(d_new, p_old)
+                loss = -clipped_surrogate(ratio, adv, self.config.clip).mean()
             loss.backward()
         self.opt_g.step()
         self.generator_steps += 1
-        return loss.detach()
+        out = {"generator_loss": loss.detach()}
+        if p_old is not None:
+            r = ratio.detach()
+            out["clipped_frac"] = (r > 1.0 + self.config.clip).float().mean()
+            out["below_frac"] = (r < 1.0 - self.config.clip).float().mean()
+            out["d_fake"] = d_new.detach().mean()
+        return out
 
     # -- the round --------------------------------------------------------------------------
     def train_step(self, batches: Iterator[torch.Tensor] | Callable[[], torch.Tensor]) -> dict:
@@ -194,6 +209,6 @@ class PPOGAN:
         for _ in range(cfg.ppo_iters):
             if cfg.ratio_clip:
                 stats["ratio_loss"] = self.ratio_step(nxt())
-            stats["generator_loss"] = self.generator_step(z, p_old)
+            stats.update(self.generator_step(z, p_old))
         self.rounds += 1
         return {k: float(v) for k, v in stats.items()}
