@@ -1,5 +1,6 @@
-"""CPU bookkeeping speed: attack + restore (no forward/backward) of FGM, PGD-3 and AWP
-(``python benchmarks/bookkeeping_cpu.py`` runs :func:`main`).
+"""CPU bookkeeping speed: attack + restore (no forward/backward) of FGM, PGD-3 and AWP, and
+SAM / ASAM's first_step + second_step without the base update (``--methods``;
+``python benchmarks/bookkeeping_cpu.py`` runs :func:`main`).
 
 Providers, interleaved run by run so that machine noise hits all of them alike:
   community  the per-parameter Python classes of fused_adv.reference (docs/methods.md §1 (FGM),
@@ -124,6 +125,40 @@ def fused_runners(model, backend: str, restore_mode: str = "copy"):
                     awp.restore)
 
 
+class _NoStep(torch.optim.Optimizer):
+    """A base optimizer whose step does nothing: SAM's bookkeeping is timed without the update
+    every provider would share."""
+
+    def __init__(self, params, **_):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+SAM_RHO = {"SAM": 0.05, "ASAM": 2.0}
+
+
+def sam_runners(model, provider: str):
+    """SAM and ASAM bookkeeping: first_step + second_step (restore, then a no-op base step) over
+    every parameter (docs/methods.md §11 (SAM)).  ``provider``: community | foreach | <backend>."""
+    out = {}
+    for name, rho in SAM_RHO.items():
+        adaptive = name == "ASAM"
+        if provider == "community":
+            opt = reference.SAM(model.parameters(), _NoStep, rho=rho, adaptive=adaptive)
+        elif provider == "foreach":
+            opt = foreach.SAM(model.parameters(), rho=rho, adaptive=adaptive)
+        else:
+            opt = fused_adv.SAM(model.parameters(), _NoStep, rho=rho, adaptive=adaptive, backend=provider)
+
+        def run(opt=opt):
+            opt.first_step()
+            opt.second_step()
+        out[name] = run
+    return out
+
+
 def main(argv=None) -> None:
     """Parses ``argv`` (default: sys.argv[1:]), times every provider's FGM / PGD-3 / AWP
     bookkeeping interleaved, prints the medians.  A provider whose backend cannot run here is
@@ -137,6 +172,8 @@ def main(argv=None) -> None:
     ap.add_argument("--providers", default="community,foreach,torch,cpp,cpp-swap",
                     help="community | foreach | <backend> | <backend>-swap (restore_mode='swap': restore by "
                          "re-pointing .data)")
+    ap.add_argument("--methods", default="FGM,PGD-3,AWP",
+                    help="comma-separated subset of FGM, PGD-3, AWP, SAM, ASAM (SAM/ASAM: every parameter)")
     ap.add_argument("--dense-grads", action="store_true",
                     help="random gradient in every embedding row (default: only the rows of one 4x64 batch)")
     args = ap.parse_args(argv)
@@ -148,9 +185,9 @@ def main(argv=None) -> None:
     for prov in providers:
         model = make_model(dtype, args.dense_grads)  # one model per provider: the community restore re-points .data
         if prov == "community":
-            runners[prov] = community_runners(model)
+            runners[prov] = {**community_runners(model), **sam_runners(model, prov)}
         elif prov == "foreach":
-            runners[prov] = foreach_runners(model)
+            runners[prov] = {**foreach_runners(model), **sam_runners(model, prov)}
         else:
             backend, _, swap = prov.partition("-")
             if backend not in ops.BACKENDS or swap not in ("", "swap"):
@@ -161,12 +198,19 @@ def main(argv=None) -> None:
                 print(f"skipping provider {prov}: {reason}")
                 continue
             runners[prov] = fused_runners(model, backend, "swap" if swap else "copy")
+            if not swap:  # SAM restores by copy only (its backups live in optimizer state)
+                runners[prov].update(sam_runners(model, backend))
     providers = [p for p in providers if p in runners]
-    methods = ["FGM", "PGD-3", "AWP"]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in ("FGM", "PGD-3", "AWP", *SAM_RHO)]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}: FGM, PGD-3, AWP, SAM, ASAM")
     times = {(p, m): [] for p in providers for m in methods}
     for m in methods:
         for rep in range(args.warmup + args.reps):
             for p in providers:  # interleaved
+                if m not in runners[p]:
+                    continue
                 t0 = time.perf_counter()
                 runners[p][m]()
                 dt = time.perf_counter() - t0
@@ -186,6 +230,9 @@ def main(argv=None) -> None:
         base = statistics.median(times[("community", m)]) if "community" in providers else None
         row = f"{m:8s}"
         for p in providers:
+            if not times[(p, m)]:
+                row += f"{'-':>22s}"
+                continue
             med = statistics.median(times[(p, m)])
             cell = f"{med * 1e3:.2f}" + (f" ({base / med:.2f}x)" if base else "")
             row += f"{cell:>22s}"

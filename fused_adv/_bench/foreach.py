@@ -164,3 +164,44 @@ class AWP:
         finally:
             self.restore()
         return loss
+
+
+class SAM:
+    """``first_step()`` / ``second_step()`` of davda54's SAM / ASAM (docs/methods.md §11 (SAM)) over
+    ``params`` (a list, one group): the norms by ``torch._foreach_norm`` and one stacked norm, the
+    climb by foreach chains in the parameter's dtype (the reference's order:
+    ``(P^2 if adaptive else 1) * G * scale``), preallocated backups restored by ``_foreach_copy_``
+    (the reference clones a new backup every step and re-points ``.data``).  No host sync.
+    ``base_step`` is called after the restore (the base optimizer's step)."""
+
+    def __init__(self, params, rho: float = 0.05, adaptive: bool = False, base_step=None):
+        self.params = [p for p in params if p.requires_grad]
+        self.rho, self.adaptive, self.base_step = rho, adaptive, base_step
+        self.backup = [torch.empty_like(p) for p in self.params]
+        self.active: list[int] = []
+
+    def first_step(self) -> None:
+        self.active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        P = [self.params[i].detach() for i in self.active]
+        G, B = [self.params[i].grad for i in self.active], [self.backup[i] for i in self.active]
+        if self.adaptive:
+            t = torch._foreach_abs(P)
+            torch._foreach_mul_(t, G)
+            norms = torch._foreach_norm(t)
+        else:
+            norms = torch._foreach_norm(G)
+        scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-12)
+        torch._foreach_copy_(B, P)
+        if self.adaptive:
+            e = torch._foreach_mul(P, P)
+            torch._foreach_mul_(e, G)
+        else:
+            e = torch._foreach_mul(G, 1.0)
+        torch._foreach_mul_(e, scale.to(P[0].dtype))
+        torch._foreach_add_(P, e)
+
+    def second_step(self) -> None:
+        torch._foreach_copy_([self.params[i].detach() for i in self.active], [self.backup[i] for i in self.active])
+        self.active = []
+        if self.base_step is not None:
+            self.base_step()
