@@ -86,7 +86,7 @@ class SMART:
         ok = None
         for _ in range(self.adv_K):
             adv_logits = logits_with_embedding(model, module, batch, embed + noise)
-            adv_loss = stable_kl(adv_logits, logits.detach())
+            adv_loss = stable_kl(adv_logits, logits.detach(), reduce=False)   # a sum over rows, as mt-dnn
             grad, = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
             with torch.no_grad():
                 step_ok = _ops.smart_update_(noise.detach(), grad, None, self.step_size, self.epsilon,

@@ -9,7 +9,8 @@ for HuggingFace-style models:
   ``embed`` is computed once by an extra forward that stops after the embedding module (a forward
   hook captures it; its graph to the embedding parameters is kept, as in mt-dnn);
 * noise = N(0, 1) * noise_var, drawn in embed's dtype;
-* K ascent steps: adv_loss = stable_kl(adv_logits, clean_logits.detach()) (mean over rows);
+* K ascent steps: adv_loss = stable_kl(adv_logits, clean_logits.detach(), reduce=False) -- a SUM
+  over rows, as mt-dnn's K-step SmartPerturbation calls it (the final loss below is batchmean);
   g = autograd.grad(adv_loss, noise) (parameter .grad untouched); if ‖g‖ is NaN/Inf the method
   returns 0 (host read, as in the original); else noise <- normalize(noise + step_size * g) with
   normalize(v) = v / (max_j |v_j| + epsilon) per token;
@@ -85,7 +86,7 @@ class SMART:
         noise.requires_grad_()
         for _ in range(self.adv_K):
             adv_logits = logits_with_embedding(model, module, batch, embed + noise)
-            adv_loss = stable_kl(adv_logits, logits.detach())
+            adv_loss = stable_kl(adv_logits, logits.detach(), reduce=False)   # a sum over rows, as mt-dnn
             delta_grad, = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
             norm = delta_grad.norm()
             if torch.isnan(norm) or torch.isinf(norm):
