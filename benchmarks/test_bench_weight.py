@@ -82,10 +82,17 @@ def test_bookkeeping(benchmark, set_dtype, method, provider):
     if case.reset is not None:
         case.reset()
 
-    # restore is exact: what the step perturbed is back, bit for bit
+    # restore is exact: what the step perturbed is back, bit for bit (the paper's AWP subtracts
+    # gamma*diff again: back up to rounding, by design)
     for n, p in model.named_parameters():
         if n in before:
-            assert torch.equal(p.detach(), before[n]), f"{provider} {method}: {n} not restored exactly"
+            if measure.RESTORE_EXACT[method]:
+                assert torch.equal(p.detach(), before[n]), f"{provider} {method}: {n} not restored exactly"
+            else:  # two roundings at the scale of w and of gamma*diff (|diff| <= ||w|| <= sqrt(numel)*max|w|)
+                eps = torch.finfo(p.dtype).eps
+                scale = before[n].abs().max().item() * (1 + 0.01 * p.numel() ** 0.5)
+                err = (p.detach().double() - before[n].double()).abs().max().item()
+                assert err <= 4 * eps * scale, f"{provider} {method}: {n} off by {err:.3g}"
 
     mbytes = measure.min_bytes(method, shape_set, dtype)
     info = {"min_bytes": mbytes, "perturbed_params": measure.perturbed_numel(method, shape_set),

@@ -12,6 +12,10 @@
     PGD-3 step 0: 1 + 4; steps 1, 2: reduction (read P, B, G) + update (read P, G, B; write P)
           = 7 each; restore 2; gradient backup set aside, no copy: 21
     AWP   reduction (read G, P) + update (read P, G; write B, P) + restore = 8 (adv_step = 1)
+    MI-FGSM-3  step 0: reduction (read G) + update (read P, G; write B, M, P) = 6; steps 1, 2:
+          1 + update (read P, G, M, B; write M, P) = 7 each; restore 2; grads set aside: 22
+    AWP (paper)  calc_awp's reduction (read W, D) + perturb (read W, D; write W) + restore
+          (same) = 8; D is the gradient the backward wrote (model work, not counted)
   Full passes are counted even though the word-embedding gradient is row-sparse (see
   ParamModel): a kernel that skips stores of unchanged rows can exceed 100% of the copy rate.
 * Peak extra memory: CUDA ``max_memory_allocated`` over building the adversary and two steps,
@@ -24,6 +28,7 @@
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -36,21 +41,29 @@ from torch.utils._pytree import tree_flatten
 
 from fused_adv._bench.shapes import ShapeSet
 
-METHODS = ("fgm", "fgsm", "pgd3", "awp")
-METHOD_LABELS = {"fgm": "FGM", "fgsm": "FGSM", "pgd3": "PGD-3", "awp": "AWP"}
-# Which parameters each method perturbs (substring of the name, as the community classes).
+METHODS = ("fgm", "fgsm", "pgd3", "awp", "mifgsm", "awp_paper")
+METHOD_LABELS = {"fgm": "FGM", "fgsm": "FGSM", "pgd3": "PGD-3", "awp": "AWP", "mifgsm": "MI-FGSM-3",
+                 "awp_paper": "AWP (paper)"}
+# Which parameters each method perturbs (substring of the name, as the community classes; the
+# paper's AWP also requires dim > 1, see perturbed_numel).
 METHOD_PATTERN = {"fgm": "word_embeddings", "fgsm": "word_embeddings", "pgd3": "word_embeddings",
-                  "awp": "weight"}
-MIN_PASSES = {"fgm": 7, "fgsm": 6, "pgd3": 21, "awp": 8}
+                  "awp": "weight", "mifgsm": "word_embeddings", "awp_paper": "weight"}
+MIN_PASSES = {"fgm": 7, "fgsm": 6, "pgd3": 21, "awp": 8, "mifgsm": 22, "awp_paper": 8}
+# Methods whose restore puts the weights back bit for bit (the paper's AWP subtracts gamma*diff
+# from the weights: w + g*d - g*d, exact only up to rounding, by design).
+RESTORE_EXACT = {m: m != "awp_paper" for m in METHODS}
 
 
 def min_bytes(method: str, shape_set: ShapeSet, dtype: torch.dtype) -> int:
     """The fewest bytes one bookkeeping step must move (see the module docstring)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return MIN_PASSES[method] * shape_set.numel_matching(METHOD_PATTERN[method]) * elem
+    return MIN_PASSES[method] * perturbed_numel(method, shape_set) * elem
 
 
 def perturbed_numel(method: str, shape_set: ShapeSet) -> int:
+    """Elements of the parameters ``method`` perturbs in ``shape_set``."""
+    if method == "awp_paper":  # 'weight' in the name and dim > 1 (docs/methods.md §4b (AWP (paper)))
+        return sum(math.prod(s) for n, s in shape_set.params if "weight" in n and len(s) > 1)
     return shape_set.numel_matching(METHOD_PATTERN[method])
 
 

@@ -19,10 +19,16 @@ One step = the bookkeeping of one training step, with the forward/backward left 
   awp        attack_backward(x, y, mask, epoch=0) on :class:`~fused_adv._bench.shapes.ParamModel`,
              whose forward/backward is free and whose optimizer's zero_grad is a no-op: save,
              perturb, restore.
+  mifgsm     PGD-3's step with MI-FGSM (steps=3): backup_grad, 3 attacks, restore_grad, restore.
+  awp_paper  diff = calc_awp(closure=...); perturb(diff); restore(diff), the loss a stand-in whose
+             forward is free and whose backward writes a copy of the clean gradients (as a real
+             backward writes them): the reference loads the proxy, steps its SGD and forms the diff;
+             the fused class (proxy=None) reduces and adds.
 ``reset()`` (untimed) puts the clean gradients back between steps.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
@@ -43,17 +49,21 @@ class Provider:
     def why_not(self, device: torch.device, method: str = "fgm") -> str | None:
         """None if this provider can run on ``device``, else the reason."""
         device = torch.device(device)
+        if self.kind == "foreach" and method not in self.classes():
+            return f"no torch._foreach_* rewrite of {method} (fused_adv._bench.foreach covers fgm/fgsm/pgd3/awp)"
         if self.kind in ("reference", "foreach"):
             return None
         if self.kind == "compile":
             if device.type != "cuda":
                 return "torch.compile(reference) is benchmarked on GPU only"
+            if method == "awp_paper":
+                return "the paper's calc_awp (load_state_dict, a proxy optimizer step) is not compiled"
             return None
         if self.backend == "triton" and device.type != "cuda":
             return "triton serves CUDA tensors (the CPU interpreter is not a benchmark)"
         from fused_adv.ops import why_not
-        op = "awp_perturb_" if method == "awp" else "pgd_perturb_" if method == "pgd3" else \
-            "fgsm_perturb_" if method == "fgsm" else "fgm_perturb_"
+        op = {"awp": "awp_perturb_", "pgd3": "pgd_perturb_", "fgsm": "fgsm_perturb_", "mifgsm": "mifgsm_perturb_",
+              "awp_paper": "awp_paper_add_"}.get(method, "fgm_perturb_")
         return why_not(self.backend, device, op)
 
     def classes(self):
@@ -62,13 +72,15 @@ class Provider:
 
         if self.kind in ("reference", "compile"):
             from fused_adv import reference as m
-            return {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}
+            return {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP, "mifgsm": m.MIFGSM,
+                    "awp_paper": m.AdvWeightPerturb}
         if self.kind == "foreach":
             from fused_adv._bench import foreach as m
             return {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}
         import fused_adv as m
         return {k: functools.partial(c, backend=self.backend)
-                for k, c in {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP}.items()}
+                for k, c in {"fgm": m.FGM, "fgsm": m.FGSM, "pgd3": m.PGD, "awp": m.AWP, "mifgsm": m.MIFGSM,
+                             "awp_paper": m.AdvWeightPerturb}.items()}
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in [
@@ -86,6 +98,21 @@ def available(device: torch.device, method: str = "fgm", names=None) -> list[Pro
     """The providers among ``names`` (default: all) that can run ``method`` on ``device``."""
     names = list(PROVIDERS) if names is None else names
     return [PROVIDERS[n] for n in names if PROVIDERS[n].why_not(device, method) is None]
+
+
+class _GivenGrads(torch.autograd.Function):
+    """A loss with a free forward whose backward gives each parameter a copy of a given gradient
+    (a real backward writes its gradients, hence the copy): the paper's AWP bookkeeping timed
+    without a model's forward/backward."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, _):
+        return (None, *[g.clone() for g in ctx.grads])
 
 
 @dataclasses.dataclass
@@ -109,8 +136,8 @@ def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
         def step():
             adv.attack()
             adv.restore()
-    elif method == "pgd3":
-        adv = cls(model)
+    elif method in ("pgd3", "mifgsm"):
+        adv = cls(model) if method == "pgd3" else cls(model, epsilon=1.0, steps=PGD_K)
         emb = [p for n, p in model.named_parameters() if "word_embeddings" in n]
         # Stand-ins for the gradients the adversarial backward passes would produce.
         adv_grads = [[torch.randn_like(p).mul_(1e-3) for p in emb] for _ in range(PGD_K - 1)]
@@ -135,6 +162,25 @@ def build_case(method: str, provider: Provider, model: ParamModel) -> Case:
 
         def step():
             adv.attack_backward(x, None, None, 0)
+    elif method == "awp_paper":
+        names = [n for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
+        given = [clean[n] for n in names]
+        if provider.kind == "fused":
+            adv = cls(model, gamma=0.01)
+        else:
+            proxy = copy.deepcopy(model)
+            for p in proxy.parameters():
+                p.grad = None
+            adv = cls(model, proxy, torch.optim.SGD(proxy.parameters(), lr=0.01), 0.01)
+
+        def closure(m):
+            named = dict(m.named_parameters())
+            return _GivenGrads.apply(given, *[named[n] for n in names])
+
+        def step():
+            diff = adv.calc_awp(closure=closure)
+            adv.perturb(diff)
+            adv.restore(diff)
     else:
         raise ValueError(f"unknown method {method!r}")
     if provider.kind == "compile":
