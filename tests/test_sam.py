@@ -556,3 +556,33 @@ def test_triton_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0 and "SAM KERNELS COMPILED" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_steps_do_not_sync_on_cuda(device, adaptive):
+    """first_step / second_step under torch.cuda.set_sync_debug_mode("error") (any host sync
+    raises), with a finite and with an inf gradient; on CPU the same steps run unchecked."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, device=device)) for s in [(64, 32), (32,), (300,)]]
+    before = [p.detach().clone() for p in params]
+    opt = fused_adv.SAM(params, torch.optim.SGD, rho=0.05, adaptive=adaptive, lr=0.1, foreach=True)
+    for bad in (False, True):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if bad:
+            params[1].grad[3] = math.inf
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=False)
+            climbed = [p.detach().clone() for p in params]
+            opt.restore()
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert all(torch.equal(c, b) for c, b in zip(climbed, before)) == bad
