@@ -105,6 +105,9 @@ def measure(batch_size: int = 64, hidden: int = 128, nz: int = 32, reps: int = 2
             fns[k]()  # compile outside the timing
             kernels[k] = _leaf_aten_ops(fns[k])
     times = _median_us(fns, reps)
+    # a whole round (diters critic + ppo_iters ratio-classifier and generator steps), fewer reps
+    round_us = _median_us({"round": lambda: gan.train_step(lambda: real)}, max(3, reps // 10))["round"]
+    losses_per_round_us = cfg.diters * times["critic_fake_term"] + cfg.ppo_iters * times["generator_loss"]
     rows = []
     for step, loss in (("generator_step", "generator_loss"), ("critic_step", "critic_fake_term")):
         row = {"step": step, "step_kernels": kernels[step], "step_us": times[step], "loss": loss,
@@ -116,7 +119,8 @@ def measure(batch_size: int = 64, hidden: int = 128, nz: int = 32, reps: int = 2
             row["saving_if_fused_share_of_step"] = (times[loss] - times[loss + "_compiled"]) / times[step]
         rows.append(row)
     return {"batch_size": batch_size, "hidden": hidden, "nz": nz, "reps": reps, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "rows": rows}
+            "torch": torch.__version__, "rows": rows, "round_us": round_us,
+            "losses_per_round_us": losses_per_round_us, "losses_share_of_round": losses_per_round_us / round_us}
 
 
 def markdown(res: dict) -> str:
@@ -130,6 +134,9 @@ def markdown(res: dict) -> str:
         save = (f"{100 * r['saving_if_fused_share_of_step']:.1f}%" if "loss_compiled_us" in r else "n/a")
         out.append(f"| {r['step']} | {r['step_kernels']} / {r['step_us']:.0f} | {r['loss']} | "
                    f"{r['loss_kernels']} / {r['loss_us']:.0f} ({100 * r['loss_share_of_step']:.1f}%) | {comp} | {save} |")
+    out += ["", f"A round (Diters critic + PPO_iters ratio-classifier and generator steps): {res['round_us'] / 1e3:.1f} ms; "
+            f"the eager losses in it: {res['losses_per_round_us'] / 1e3:.2f} ms "
+            f"({100 * res['losses_share_of_round']:.1f}%)."]
     return "\n".join(out)
 
 
