@@ -339,7 +339,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--nz", type=int, default=32, help="latent size")
     p.add_argument("--hidden", type=int, default=128, help="MLP width (G: nz-h-2h-64, critic: 64-2h-h-1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="critic lr (default 1e-3: 10x the official 1e-4, so that a few hundred rounds suffice); "
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="critic lr (default 1e-3: 10x the official 1e-4, so that a few hundred rounds suffice); "
                         "G and the ratio classifier get lr/ppo-iters")
     p.add_argument("--diters", type=int, default=5)
     p.add_argument("--ppo-iters", type=int, default=5)

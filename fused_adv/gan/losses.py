@@ -132,8 +132,8 @@ def critic_scores(out) -> torch.Tensor:
 
 def gradient_penalty(critic: Callable, real: torch.Tensor, fake: torch.Tensor, weight: float = 5.0,
                      alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """WGAN-GP: weight·mean_i (‖∇_x f(x̂_i)‖₂ − 1)², x̂ = α·real + (1 − α)·fake, one α ~ U(0, 1) per
-    sample (official weight 5).
+    """WGAN-GP: weight·mean_i (‖∇_x f(x̂_i)‖₂ − 1)², x̂ = α·real + (1 − α)·fake, one α ~ U(0, 1)
+    per sample (official weight 5).
 
     ``real``/``fake``: (B, ...) with the same shape; ``fake`` is detached here. ``alpha``: (B,)
     to fix the interpolation (tests); drawn with torch.rand otherwise (consumes the global RNG).

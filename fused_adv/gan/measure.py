@@ -133,8 +133,10 @@ def markdown(res: dict) -> str:
         comp = (f"{r['loss_compiled_kernels']} / {r['loss_compiled_us']:.0f}" if "loss_compiled_us" in r else "n/a")
         save = (f"{100 * r['saving_if_fused_share_of_step']:.1f}%" if "loss_compiled_us" in r else "n/a")
         out.append(f"| {r['step']} | {r['step_kernels']} / {r['step_us']:.0f} | {r['loss']} | "
-                   f"{r['loss_kernels']} / {r['loss_us']:.0f} ({100 * r['loss_share_of_step']:.1f}%) | {comp} | {save} |")
-    out += ["", f"A round (Diters critic + PPO_iters ratio-classifier and generator steps): {res['round_us'] / 1e3:.1f} ms; "
+                   f"{r['loss_kernels']} / {r['loss_us']:.0f} ({100 * r['loss_share_of_step']:.1f}%) "
+                   f"| {comp} | {save} |")
+    out += ["", "A round (Diters critic + PPO_iters ratio-classifier and generator steps): "
+            f"{res['round_us'] / 1e3:.1f} ms; "
             f"the eager losses in it: {res['losses_per_round_us'] / 1e3:.2f} ms "
             f"({100 * res['losses_share_of_round']:.1f}%)."]
     return "\n".join(out)
