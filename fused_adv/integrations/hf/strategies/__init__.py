@@ -11,11 +11,13 @@ from .sam import ASAMStrategy, SAMStrategy
 from .sift import SiFTStrategy
 from .smart import SMARTStrategy
 from .weight import FGMStrategy, FGSMStrategy, PGDStrategy
+from .yopo import YOPOStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
     FGMStrategy, FGSMStrategy, PGDStrategy, AWPStrategy, FreeLBStrategy, SMARTStrategy, SiFTStrategy,
     MIFGSMStrategy, AWPPaperStrategy,
     SAMStrategy, ASAMStrategy,
+    YOPOStrategy,
 )}
 
 __all__ = ["STRATEGIES", "Strategy"]
