@@ -1,5 +1,5 @@
 """One training step per method, written once and driven with either the reference classes or
-the fused ones, so both run exactly the same loop (SPEC.md usage blocks)."""
+the fused ones, so both run exactly the same loop (docs/methods.md usage blocks)."""
 from __future__ import annotations
 
 import torch

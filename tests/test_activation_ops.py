@@ -1,7 +1,7 @@
 """Activation-space ops (SiFT / FreeLB / SMART) on every backend this machine can run, against the
 reference math (fused_adv.reference.*) and a float64 oracle.
 
-Tolerance (DESIGN.md section 5): the fused result's error against the float64 oracle must be at
+Tolerance (docs/design.md §5 (Tests)): the fused result's error against the float64 oracle must be at
 most 2x the reference's own error at that dtype plus a floor of a few ulps.  Triton runs on CPU
 under TRITON_INTERPRET=1 (set before fused_adv is imported).
 """
