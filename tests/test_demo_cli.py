@@ -42,7 +42,7 @@ def test_demo_fused_matches_reference(demo_out):
     for fused, ref in (("fgm-fused", "fgm-reference"), ("awp-fused", "awp-reference")):
         c = res["comparisons"][fused]
         assert c["reference"] == ref
-        # fp32 drift only: the fused classes compute the same numbers (SPEC.md) in another order
+        # fp32 drift only: the fused classes compute the same numbers (docs/methods.md) in another order
         assert c["max_abs_loss_diff"] < 1e-4, c
         assert c["max_abs_param_diff"] < 1e-4, c
         # ... and the adversary really changes the training, so matching the reference means something
