@@ -361,9 +361,11 @@ def test_loss_table_and_module_api():
 
 # ------------------------------------------------------------------------------------ structure
 FUSED_CLASSES = [fused_adv.FGM, fused_adv.FGSM, fused_adv.PGD, fused_adv.AWP, fused_adv.FreeLB, fused_adv.SMART,
-                 fused_sift.AdversarialLearner, fused_sift.PerturbationLayer]
+                 fused_sift.AdversarialLearner, fused_sift.PerturbationLayer, fused_adv.MIFGSM,
+                 fused_adv.AdvWeightPerturb]
 REFERENCE_CLASSES = [reference.FGM, reference.FGSM, reference.PGD, reference.AWP, reference.FreeLB,
-                     reference.SMART, reference.AdversarialLearner, reference.PerturbationLayer]
+                     reference.SMART, reference.AdversarialLearner, reference.PerturbationLayer, reference.MIFGSM,
+                     reference.AdvWeightPerturb]
 
 
 def test_fused_classes_do_not_inherit_from_the_oracle():

@@ -62,7 +62,8 @@ class AdvWeightPerturb:
     """
 
     def __init__(self, model, proxy, proxy_optim, gamma: float):
-        """Stores the arguments; allocates nothing.  Raises nothing."""
+        """Stores the four arguments as attributes, like the paper's class; allocates nothing and
+        raises nothing."""
         self.model = model
         self.proxy = proxy
         self.proxy_optim = proxy_optim
