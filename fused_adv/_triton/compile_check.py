@@ -53,7 +53,30 @@ def variants(all_variants: bool):
                     {"ranges": "*i64", "part": "*fp64", "out": "*fp32", "n": "i32"},
                     dict(NCOL=ncol, NCOL_P2=triton_next_pow2(ncol), TPB=mt.FINISH_TENSORS, ROWS=mt.FINISH_ROWS),
                     False, 4))
-    return out + activation_variants()
+    return out + activation_variants() + weight_ext_variants()
+
+
+def weight_ext_variants():
+    """The weight_ext kernels (fused_adv/_triton/weight_ext.py: MI-FGSM, the AWP paper's add), per
+    dtype kind, aligned, as the launchers configure them on a GPU."""
+    from fused_adv._triton import multi_tensor as mt
+    from fused_adv._triton import weight_ext as x
+    three = lambda p: {f"{p}_HI": "fp32", f"{p}_MID": "fp32", f"{p}_LO": "fp32"}  # noqa: E731
+    out = []
+    for kname, kind in {"f32": mt.F32, "f16": mt.F16, "bf16": mt.BF16, "f64": mt.F64}.items():
+        cfg = mt.launch_config(kind, 1 << 20)
+        common = dict(KIND=kind, ALIGNED=True, CHUNK_SIZE=cfg.chunk, BLOCK=cfg.block)
+        out.append((f"abssum[{kname}]", x._abssum_kernel,
+                    {"chunks": "*i64", "tens": "*i64", "part": "*fp64", "chunk_base": "i64"}, common, True,
+                    cfg.num_warps))
+        for first in (True, False):
+            out.append((f"mifgsm[{kname},first={first}]", x._mifgsm_kernel,
+                        {"chunks": "*i64", "tens": "*i64", "s0": "*fp32", **three("A"), **three("E"), **three("D")},
+                        dict(FIRST=first, **common), True, cfg.num_warps))
+        out.append((f"awp_paper_add[{kname}]", x._awp_paper_kernel,
+                    {"chunks": "*i64", "tens": "*i64", "s0": "*fp32", "s1": "*fp32", "SCALE": "fp32", **three("C")},
+                    common, True, cfg.num_warps))
+    return out
 
 
 def activation_variants():
