@@ -468,3 +468,13 @@ def test_extra_memory_is_the_noise():
     assert fa.extra_memory_bytes() == 3 * 10 * 32 * 4
     fa.reset()
     assert fa.noise is None
+
+
+def test_freeat_update_opcheck_and_compile():
+    noise, grad = torch.randn(3, 5) * 0.01, torch.randn(3, 5)
+    torch.library.opcheck(torch.ops.fused_adv.freeat_update_.default, (noise, grad, 0.003, 0.008))
+    f = torch.compile(lambda n, g: torch.ops.fused_adv.freeat_update_(n, g, 0.25, 1.0), backend="aot_eager",
+                      fullgraph=True)
+    n = torch.tensor([0.0, 0.9, -0.9])
+    f(n, torch.tensor([1.0, 1.0, -1.0]))
+    assert n.tolist() == [0.25, 1.0, -1.0]
