@@ -46,6 +46,9 @@ def mifgsm_perturb_(params, grads, momenta, backups, grad_abssum: Tensor, alpha:
         torch._foreach_copy_(backups, params)
     ok = norm_ok(grad_abssum)
     for i, (p, g, m, b) in enumerate(zip(params, grads, momenta, backups)):
+        if _opmath(p) is p:
+            _mifgsm_inplace(p, g, m, b, grad_abssum[i], ok[i], alpha, epsilon, decay, first)
+            continue
         n = grad_abssum[i].to(_opmath(p).dtype)
         step = _opmath(g) / n
         if not first:
@@ -56,6 +59,23 @@ def mifgsm_perturb_(params, grads, momenta, backups, grad_abssum: Tensor, alpha:
         new_p = torch.clamp(v, _opmath(lo), _opmath(hi))  # NaN-propagating (bounds included)
         p.copy_(torch.where(ok[i], new_p, _opmath(p)))
         m.copy_(torch.where(ok[i], new_m, m if not first else torch.zeros_like(m)))
+
+
+def _mifgsm_inplace(p, g, m, b, n, ok, alpha, epsilon, decay, first) -> None:
+    """The step above for fp32/fp64 tensors (math dtype = P's dtype), with three temporaries
+    instead of one per operation: the same operations in the same order, so the same bits."""
+    step = torch.div(g, n.to(p.dtype))
+    if not first:
+        step = torch.mul(m, decay).add_(step)
+    v = torch.sign(step).mul_(alpha).add_(p)                   # P + alpha*sign(M)
+    bound = torch.sub(b, epsilon)
+    torch.maximum(v, bound, out=v)                             # clamp with tensor bounds, NaN-propagating
+    torch.add(b, epsilon, out=bound)
+    torch.minimum(v, bound, out=v)
+    torch.where(ok, v, p, out=p)
+    if first:
+        m.zero_()
+    torch.where(ok, step, m, out=m)
 
 
 def awp_paper_factor(param_sumsq: Tensor, dir_sumsq: Tensor, scale: float) -> Tensor:
@@ -69,5 +89,8 @@ def awp_paper_add_(params, dirs, param_sumsq: Tensor, dir_sumsq: Tensor, scale: 
         return
     f = awp_paper_factor(param_sumsq, dir_sumsq, scale)
     for i, (p, d) in enumerate(zip(params, dirs)):
-        diff = (_opmath(d) * f[i].to(_opmath(p).dtype)).to(p.dtype)
+        if _opmath(p) is p:  # fp32/fp64: one temporary, same operations (f*D, coeff*diff, P + that)
+            p.add_((d * f[i].to(p.dtype)).mul_(coeff))
+            continue
+        diff = (_opmath(d) * f[i]).to(p.dtype)
         p.copy_(_opmath(p) + coeff * _opmath(diff))
