@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fused_adv import ops
+from fused_adv.sharding import Localized, ShardingError, ShardingLayout
 
 RESTORE_MODES = ("copy", "swap")
 
@@ -93,19 +94,22 @@ class BackupPool:
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}
 
-    def get(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    def get(self, params: Iterable[torch.Tensor], like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """One contiguous backup buffer per parameter (same shape, dtype, device; contents
-        undefined until written), allocated on first use and reused afterwards."""
+        undefined until written), allocated on first use and reused afterwards.  ``like``: the
+        parameters' local pieces (fused_adv.sharding), when the buffers are shard-sized."""
         out = []
-        for p in params:
+        for i, p in enumerate(params):
+            t = p if like is None else like[i]
             b = self._buffers.get(id(p))
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
+            if b is None or b.shape != t.shape or b.dtype != t.dtype or b.device != t.device:
+                b = torch.empty_like(t, memory_format=torch.contiguous_format).detach()
                 self._buffers[id(p)] = b
             out.append(b)
         return out
 
-    def restore(self, pairs: list[tuple[nn.Parameter, torch.Tensor]], backend: str, mode: str) -> None:
+    def restore(self, pairs: list[tuple[nn.Parameter, torch.Tensor]], backend: str, mode: str,
+                pieces: list[torch.Tensor] | None = None) -> None:
         """P <- B for every (param, backup) pair, bit-exact.
 
         mode "copy": one multi-tensor copy; the parameter keeps its storage.
@@ -120,7 +124,9 @@ class BackupPool:
                 p.data = b
                 self._buffers[id(p)] = perturbed
         else:
-            ops.restore_(data_of(p for p, _ in pairs), [b for _, b in pairs], backend=backend)
+            dst = data_of(p for p, _ in pairs) if pieces is None else pieces
+            keep = [i for i, d in enumerate(dst) if d.numel()]
+            ops.restore_([dst[i] for i in keep], [pairs[i][1] for i in keep], backend=backend)
 
     def nbytes(self) -> int:
         """Bytes held by all buffers."""
@@ -153,8 +159,29 @@ class Perturbation:
         attacked (restore without attack, or twice)."""
         if self._attacked is None:
             raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack")
-        self._pool.restore(self._attacked, self.backend, self.restore_mode)
+        pieces = None
+        if self.restore_mode == "copy":
+            pieces = self._sharding().pieces([p for p, _ in self._attacked])
+        self._pool.restore(self._attacked, self.backend, self.restore_mode, pieces)
         self._attacked = None
+
+    _layout: ShardingLayout | None = None
+
+    def _sharding(self) -> ShardingLayout:
+        """The model's layout (built once; raises ShardingError for FSDP1 use_orig_params=False)."""
+        if self._layout is None:
+            self._layout = ShardingLayout(getattr(self, "model", None))
+        return self._layout
+
+    def _localize(self, params, grads, names=None) -> Localized:
+        """Local pieces + reduction plan (docs/methods.md §12 (Sharded training))."""
+        loc = self._sharding().localize(params, grads, names=names)
+        if loc.sharded and self.restore_mode == "swap":
+            raise ShardingError(
+                f"{type(self).__name__}(restore_mode='swap') re-points param.data, which would cut a sharded "
+                "parameter off its shard storage (FSDP flat shard / DTensor local tensor); use "
+                "restore_mode='copy' (the default) with sharded models")
+        return loc
 
     def _attack_defaults(self, kwargs: dict) -> dict:
         return kwargs
