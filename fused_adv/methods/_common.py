@@ -20,6 +20,7 @@ FGM/FGSM/PGD use ``select_by_name(model, emb_name, what="emb_name")``; AWP uses
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable
 
 import torch
@@ -56,19 +57,19 @@ def embedding_like_parameters(model: nn.Module) -> list[str]:
 def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: bool = False
                    ) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters whose name contains ``pattern`` (substring, as the community classes),
-    each reached once even when tied (model.named_parameters() and our id() check both dedupe).
+    each reached once even when tied (model.named_parameters() dedupes), from a per-model cache
+    that notices a changed model (see _named_matches).
 
     Raises ValueError naming the embedding-like parameters when no trainable parameter name
     contains ``pattern`` (the community classes silently do nothing then).  With
     ``require_grad``, parameters whose ``.grad`` is None are left out (not an error)."""
-    chosen, seen, any_name = [], set(), False
-    for name, p in model.named_parameters():
-        if not (p.requires_grad and pattern in name):
+    chosen, any_name = [], False
+    for name, p in _named_matches(model, pattern):
+        if not p.requires_grad:
             continue
         any_name = True
-        if id(p) in seen or (require_grad and p.grad is None):
+        if require_grad and p.grad is None:
             continue
-        seen.add(id(p))
         chosen.append((name, p))
     if not any_name:
         candidates = embedding_like_parameters(model) or ["(none found)"]
@@ -82,7 +83,59 @@ def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: b
 def params_with_grad(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` with ``requires_grad`` and a ``.grad`` that is not None, in
     ``model.parameters()`` order (each once, tied or not).  May be empty; raises nothing."""
-    return [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return [p for _, p in _named_matches(model, "") if p.requires_grad and p.grad is not None]
+
+
+# ---- the selection cache ---------------------------------------------------------------------
+# Walking model.named_parameters() costs ~1 ms per step on a 400-parameter model (most of a fused
+# step's host time, docs/design.md §7 (Targets)), and its answer almost never changes.  So the
+# (name, parameter) pairs whose name contains a pattern are kept per (model, pattern), and each
+# call re-reads only what can change cheaply per parameter (requires_grad, .grad: filtered above).
+# A cached list is rebuilt when
+# * any module anywhere registers a parameter or a submodule (torch's global registration hooks
+#   bump _GENERATION: a new or replaced parameter, an added layer), or
+# * one of its parameters is no longer what its module holds under that name (checked on every
+#   call: ``del m.weight``, ``m.weight = None``, writes into ``m._parameters`` that bypass the
+#   hooks, as FSDP's views do).
+# dtype, device and storage changes (model.half(), .to(), ``p.data = ...``) keep the Parameter
+# objects, so the selection stays right; the backups follow them (BackupPool.get) and the kernels
+# read the current storage.
+_GENERATION = [0]
+_SELECTIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _bump_generation(*_args) -> None:
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
+torch.nn.modules.module.register_module_module_registration_hook(_bump_generation)
+
+
+def _named_matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter of ``model`` whose qualified name contains
+    ``pattern``, in named_parameters() order, each once (tied ones under their first name),
+    trainable or not: cached (see above), verified on every call."""
+    try:
+        per_model = _SELECTIONS.get(model)
+    except TypeError:  # not weak-referenceable: no cache
+        per_model = None
+    entry = per_model.get(pattern) if per_model is not None else None
+    if entry is not None and entry[0] == _GENERATION[0]:
+        _, pairs, slots = entry
+        if all(d.get(attr) is p for d, attr, p in slots):
+            return pairs
+    pairs, slots = [], []
+    for name, p in model.named_parameters():
+        if pattern in name:
+            prefix, _, attr = name.rpartition(".")
+            pairs.append((name, p))
+            slots.append((model.get_submodule(prefix)._parameters, attr, p))
+    try:
+        _SELECTIONS.setdefault(model, {})[pattern] = (_GENERATION[0], pairs, slots)
+    except TypeError:
+        pass
+    return pairs
 
 
 class BackupPool:
