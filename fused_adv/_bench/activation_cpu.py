@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from fused_adv.ops import activation as A
+from fused_adv.ops import free as FR
 from fused_adv.ops import why_not
+from fused_adv.reference.freeat import FreeAT as RefFreeAT
 from fused_adv.reference.freelb import FreeLB as RefFreeLB
+from fused_adv.reference.yopo import YOPO as RefYOPO
 
 
 def median_us(fn, min_run_time=0.5):
@@ -108,6 +111,23 @@ def cases(shape, dtype, backend):
             A.freelb_update_(fwork, fgrad, None, 0.1, mx, linf, backend=backend)
         return run
 
+    # FreeAT (docs/methods.md §8): the original's sign step on the persistent buffer, the NLP
+    # variant's per-sample L2 step; YOPO's inner step (the same op pair as FreeLB l2)
+    ref_sign = RefFreeAT(adv_lr=1e-3, adv_max_norm=1e-2)
+    ref_sign.noise = fdelta.clone()
+    swork = fdelta.clone()
+
+    def fused_sign():
+        FR.freeat_update_(swork, fgrad, 1e-3, 1e-2, backend=backend)
+
+    ref_at_l2 = RefFreeAT(adv_norm_type="l2", adv_lr=0.1, adv_max_norm=1.0)
+
+    def ref_freeat_l2():
+        ref_at_l2.noise = fdelta
+        ref_at_l2._update(fgrad)
+
+    ref_yopo = RefYOPO(adv_lr=0.1, adv_max_norm=1.0)
+
     return [
         ("LayerNorm fwd (no affine)", ref_ln_fwd, fused_ln_fwd),
         ("LayerNorm fwd+bwd", ref_ln_fwd_bwd, fused_ln_fwd_bwd),
@@ -116,6 +136,9 @@ def cases(shape, dtype, backend):
         ("SMART noise step (linf normalise)", ref_smart, fused_smart),
         ("FreeLB l2 step + projection", lambda: ref_l2.update_delta(fdelta, fgrad), fused_freelb(False, 1.0)),
         ("FreeLB linf step + clamp", lambda: ref_linf.update_delta(fdelta, fgrad), fused_freelb(True, 0.01)),
+        ("FreeAT sign step + clamp (buffer)", lambda: ref_sign._update(fgrad), fused_sign),
+        ("FreeAT l2 step + projection", ref_freeat_l2, fused_freelb(False, 1.0)),
+        ("YOPO inner step + projection", lambda: ref_yopo.update_delta(fdelta, fgrad), fused_freelb(False, 1.0)),
     ]
 
 

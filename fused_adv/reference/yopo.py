@@ -73,13 +73,22 @@ class YOPO:
             out = hidden_of(embedding_output(model, layer, dict(inputs, inputs_embeds=embeds_init + delta)))
             hal = torch.sum(out * p_var)
             delta_grad = torch.autograd.grad(hal, delta, only_inputs=True, retain_graph=False)[0]
-            denorm = torch.clamp(torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1), min=1e-10)
-            delta = (delta + self.adv_lr * delta_grad / denorm).detach()
-            if self.adv_max_norm > 0:
-                delta_norm = torch.norm(delta.view(delta.size(0), -1), p=2, dim=1).detach()
-                exceed_mask = (delta_norm > self.adv_max_norm).to(embeds_init)
-                delta = delta * (self.adv_max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1).detach()
+            delta = self.update_delta(delta, delta_grad)
             delta.requires_grad_()
+        return delta
+
+    def update_delta(self, delta, delta_grad):
+        """One inner ascent step + projection of ``yopo_inner_steps`` in plain torch: ``delta +
+        adv_lr * g / max(||g_b||, 1e-10)`` per sample b, then, when adv_max_norm > 0, samples with
+        ``||delta_b|| > adv_max_norm`` scaled onto that sphere (norm in delta's dtype; a zero delta
+        gives NaN, as the original).  ``delta``, ``delta_grad``: [B, ...].  Returns a NEW detached
+        tensor; the arguments are not modified."""
+        denorm = torch.clamp(torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1), min=1e-10)
+        delta = (delta + self.adv_lr * delta_grad / denorm).detach()
+        if self.adv_max_norm > 0:
+            delta_norm = torch.norm(delta.view(delta.size(0), -1), p=2, dim=1).detach()
+            exceed_mask = (delta_norm > self.adv_max_norm).to(delta)
+            delta = delta * (self.adv_max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1).detach()
         return delta
 
     def attack(self, model, inputs, gradient_accumulation_steps=1):
