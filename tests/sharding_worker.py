@@ -485,3 +485,96 @@ if __name__ == "__main__":  # python tests/sharding_worker.py <out> <port> [scen
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out_dir, port_arg = sys.argv[1], int(sys.argv[2])
     mp.spawn(main, args=(2, port_arg, out_dir, sys.argv[3:] or list(SCENARIOS)), nprocs=2)
+
+
+def _run_method(name, model, x, fsdp1=False, counter=None):
+    """Clean backward, the method's attack / adversarial backward / restore; returns the full
+    weights seen while perturbed and the final full grads (gathered)."""
+    import fused_adv
+    snaps = []
+
+    def full_params():
+        if fsdp1:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with FSDP.summon_full_params(model):
+                return [p.detach().clone() for p in model.parameters()]
+        return [full(p).clone() for p in model.parameters()]
+
+    def full_grads():
+        if fsdp1:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with FSDP.summon_full_params(model, with_grads=True):
+                return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+        return [None if p.grad is None else full(p.grad).clone() for p in model.parameters()]
+
+    model(x).backward()
+    if name == "fgm":
+        m = fused_adv.FGM(model, emb_name="emb", epsilon=0.7)
+        with counter.counting() if counter else contextlib.nullcontext():
+            m.attack()
+        snaps.append(full_params()); model(x).backward(); m.restore()
+    elif name == "fgsm":
+        m = fused_adv.FGSM(model, emb_name="emb", epsilon=0.01)
+        m.attack(); snaps.append(full_params()); model(x).backward(); m.restore()
+    elif name == "pgd":
+        m = fused_adv.PGD(model, emb_name="emb", epsilon=0.5, alpha=0.3)
+        m.backup_grad()
+        for t in range(3):
+            with counter.counting() if counter else contextlib.nullcontext():
+                m.attack(is_first_attack=(t == 0))
+            snaps.append(full_params())
+            if t != 2:
+                model.zero_grad()
+            else:
+                m.restore_grad()
+            model(x).backward()
+        m.restore()
+    elif name == "awp":
+        m = fused_adv.AWP(model, torch.optim.SGD(model.parameters(), lr=0.0), adv_param="weight", adv_lr=0.5, adv_eps=0.1, adv_step=2)
+        step = m.attack_step
+
+        def counted_step(first=True):
+            with counter.counting() if counter else contextlib.nullcontext():
+                step(first)
+        m.attack_step = counted_step
+        m.attack_backward(closure=lambda: (snaps.append(full_params()), model(x))[1], epoch=0)
+    snaps.append(full_params())
+    snaps.append(full_grads())
+    return snaps
+
+
+def scenario_methods(rank, world, fsdp1=False):
+    import copy
+    chk = Checks()
+    for name in ("fgm", "fgsm", "pgd", "awp"):
+        torch.manual_seed(0)
+        base = Tiny()
+        ref = copy.deepcopy(base)
+        xg = torch.randint(0, 5, (4, 4), generator=torch.Generator().manual_seed(5))
+        xl = xg[2 * rank: 2 * rank + 2]
+        if fsdp1:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            base = FSDP(base, use_orig_params=True, device_id=torch.device("cpu"))
+        else:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(base)
+        counter = CallCounter()
+        got = _run_method(name, base, xl, fsdp1, counter)
+        chk.equal(f"{name} all_reduce per attack step", counter.take(),
+                  {"fgm": 1, "fgsm": 0, "pgd": 3, "awp": 2}[name])
+        want = _run_method(name, ref, xg)
+        chk.equal(f"{name} snapshots", len(got), len(want))
+        for k, (a, b) in enumerate(zip(got, want)):
+            for j, (u, v) in enumerate(zip(a, b)):
+                if u is None or v is None:
+                    # FSDP1 materializes a zero gradient for a parameter the forward never used
+                    zero = (u if v is None else v)
+                    chk.true(f"{name} snap {k} tensor {j}: None vs nonzero",
+                             zero is None or (fsdp1 and not zero.any()))
+                    continue
+                chk.close(f"{name} snap {k} tensor {j}", u, v, rtol=1e-5, scale=v.double().abs().clamp_min(1e-3 * v.double().abs().max()))
+    chk.raise_if_any()
+
+
+SCENARIOS["methods_fsdp2"] = scenario_methods
+SCENARIOS["methods_fsdp1"] = lambda r, w: scenario_methods(r, w, fsdp1=True)

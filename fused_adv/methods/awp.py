@@ -105,22 +105,30 @@ class AWP(Perturbation):
         if first:
             if self._attacked is not None:
                 raise AttackStateError("AWP.attack_step(first=True) called again before restore()")
-            chosen = [p for _, p in select_by_name(self.model, self.adv_param, what="adv_param",
-                                                   require_grad=True)]
-            self._attacked = list(zip(chosen, self._pool.get(chosen)))
+            self._sharding()
+            # Selected without the grad filter: under FSDP1 .grad is None on ranks that hold none
+            # of a parameter, and every rank must see the same slots.
+            self._slots = [p for _, p in select_by_name(self.model, self.adv_param, what="adv_param")]
+            grads = [p.grad for p in self._slots]
         elif self._attacked is None:
             raise AttackStateError("AWP.attack_step(first=False) before attack_step(first=True)")
-        # A parameter may have lost its grad after the first step (no adversarial gradient):
-        # the Kaggle class skips it for that step, and so do we (it stays saved and restored).
-        live = [(p, b) for p, b in self._attacked if p.grad is not None]
-        if not live:
+        else:
+            # A parameter may have lost its grad after the first step (no adversarial gradient):
+            # the Kaggle class skips it for that step, and so do we (it stays saved and restored).
+            saved = {id(p) for p, _ in self._attacked}
+            grads = [p.grad if id(p) in saved else None for p in self._slots]
+        loc = self._localize(self._slots, grads)
+        if first:
+            chosen = [self._slots[i] for i in loc.live]
+            self._attacked = list(zip(chosen, self._pool.get(chosen, like=loc.params)))
+        if not (loc.live or loc.sharded):
             return
-        params = data_of(p for p, _ in live)
-        grads = [p.grad for p, _ in live]
-        backups = [b for _, b in live]
-        n = len(params)
-        sumsq = ops.multi_tensor_sumsq(grads + params, backend=self.backend)  # one launch, 2N norms
-        ops.awp_perturb_(params, grads, backups, sumsq[:n], sumsq[n:], self.adv_lr, self.adv_eps, first,
+        known = {id(p): b for p, b in self._attacked}
+        backups = [known[id(self._slots[i])] for i in loc.live]
+        n = len(loc.params)
+        sumsq = ops.multi_tensor_sumsq(loc.grads + loc.params, backend=self.backend)  # one launch, 2N norms
+        sumsq = loc.reduce(sumsq.view(2, n), dim=1)
+        ops.awp_perturb_(loc.params, loc.grads, backups, sumsq[0], sumsq[1], self.adv_lr, self.adv_eps, first,
                          backend=self.backend)
 
     @contextlib.contextmanager

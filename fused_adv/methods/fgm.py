@@ -40,9 +40,9 @@ class FGM(Perturbation):
         self._pool = BackupPool()
         self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
 
-    def _perturb(self, params, grads, backups, epsilon: float) -> None:
-        sumsq = ops.multi_tensor_sumsq(grads, backend=self.backend)
-        ops.fgm_perturb_(params, grads, backups, sumsq, epsilon, True, backend=self.backend)
+    def _perturb(self, loc, backups, epsilon: float) -> None:
+        sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads, backend=self.backend))
+        ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, epsilon, True, backend=self.backend)
 
     @torch.no_grad()
     def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
@@ -51,27 +51,29 @@ class FGM(Perturbation):
 
         Parameters of any shape and float dtype (fp32/fp16/bf16), each with its ``.grad`` of the
         same shape and dtype.  Those without a ``.grad`` are backed up but not moved.  The
-        backups live in a pool reused every step (one copy of the perturbed weights).  ``.grad``
-        is read, not changed.  ``epsilon`` / ``emb_name`` override the constructor's for this
-        call.  Raises AttackStateError when already attacked (restore first), ValueError when
-        ``emb_name`` matches no trainable parameter, BackendUnavailableError when the backend
-        cannot run on the parameters' device/dtype.
+        backups live in a pool reused every step (one copy of the perturbed weights; under
+        sharding, of this rank's pieces).  ``.grad`` is read, not changed.  ``epsilon`` /
+        ``emb_name`` override the constructor's for this call.  Raises AttackStateError when
+        already attacked (restore first), ValueError when ``emb_name`` matches no trainable
+        parameter, BackendUnavailableError when the backend cannot run on the parameters'
+        device/dtype, fused_adv.sharding.ShardingError for layouts it cannot work on.
         """
         if self._attacked is not None:
             raise AttackStateError(f"{type(self).__name__}.attack() called twice without restore(); "
                                    "call restore() after the adversarial backward")
         epsilon = self.epsilon if epsilon is None else epsilon
-        chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
-                                               what="emb_name")]
-        backups = self._pool.get(chosen)
-        with_grad = [i for i, p in enumerate(chosen) if p.grad is not None]
+        self._sharding()
+        named = select_by_name(self.model, self.emb_name if emb_name is None else emb_name, what="emb_name")
+        chosen = [p for _, p in named]
+        loc = self._localize(chosen, [p.grad for p in chosen], [n for n, _ in named])
+        backups = self._pool.get(chosen, like=loc.locals)
+        live = set(loc.live)
         # Parameters without a grad are backed up (restore is uniform) but not moved.
-        for i, p in enumerate(chosen):
-            if p.grad is None:
-                backups[i].copy_(p.detach())
-        if with_grad:
-            self._perturb(data_of(chosen[i] for i in with_grad), [chosen[i].grad for i in with_grad],
-                          [backups[i] for i in with_grad], epsilon)
+        for i, piece in enumerate(loc.locals):
+            if i not in live:
+                backups[i].copy_(piece)
+        if loc.live or loc.sharded:  # every rank joins the collectives, also with nothing local
+            self._perturb(loc, [backups[i] for i in loc.live], epsilon)
         self._attacked = list(zip(chosen, backups))
 
 
@@ -80,5 +82,5 @@ class FGSM(FGM):
     the sign variant, P <- P + epsilon*sign(G) (no norm, no skip rule).  Same API, errors and
     restore as :class:`FGM`."""
 
-    def _perturb(self, params, grads, backups, epsilon: float) -> None:
-        ops.fgsm_perturb_(params, grads, backups, epsilon, True, backend=self.backend)
+    def _perturb(self, loc, backups, epsilon: float) -> None:
+        ops.fgsm_perturb_(loc.params, loc.grads, backups, epsilon, True, backend=self.backend)

@@ -75,12 +75,15 @@ class PGD(Perturbation):
         """
         epsilon = self.epsilon if epsilon is None else epsilon
         alpha = self.alpha if alpha is None else alpha
-        chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
-                                               what="emb_name")]
+        self._sharding()
+        named = select_by_name(self.model, self.emb_name if emb_name is None else emb_name, what="emb_name")
+        chosen = [p for _, p in named]
+        grads = [self._grad(p) for p in chosen]
+        loc = self._localize(chosen, grads, [n for n, _ in named])
         if is_first_attack:
             if self._attacked is not None:
                 raise AttackStateError("PGD.attack(is_first_attack=True) called again before restore()")
-            backups = self._pool.get(chosen)
+            backups = self._pool.get(chosen, like=loc.locals)
         else:
             if self._attacked is None:
                 raise AttackStateError("PGD.attack(is_first_attack=False) before a first attack: "
@@ -90,18 +93,15 @@ class PGD(Perturbation):
             if any(b is None for b in backups):
                 raise AttackStateError("PGD.attack(): emb_name selects parameters that the first attack "
                                        "did not back up; use the same emb_name for every step")
-        grads = [self._grad(p) for p in chosen]
-        idx = [i for i, g in enumerate(grads) if g is not None]
+        live = set(loc.live)
         if is_first_attack:
-            for i, p in enumerate(chosen):
-                if grads[i] is None:
-                    backups[i].copy_(p.detach())
-        if idx:
-            P = data_of(chosen[i] for i in idx)
-            G = [grads[i] for i in idx]
-            B = [backups[i] for i in idx]
-            stats = ops.pgd_reduce(P, G, B, is_first_attack, backend=self.backend)
-            ops.pgd_perturb_(P, G, B, stats, alpha, epsilon, is_first_attack, backend=self.backend)
+            for i, piece in enumerate(loc.locals):
+                if i not in live:
+                    backups[i].copy_(piece)
+        if loc.live or loc.sharded:
+            B = [backups[i] for i in loc.live]
+            stats = loc.reduce(ops.pgd_reduce(loc.params, loc.grads, B, is_first_attack, backend=self.backend))
+            ops.pgd_perturb_(loc.params, loc.grads, B, stats, alpha, epsilon, is_first_attack, backend=self.backend)
         if is_first_attack:
             self._attacked = list(zip(chosen, backups))
 
