@@ -362,10 +362,10 @@ def test_loss_table_and_module_api():
 # ------------------------------------------------------------------------------------ structure
 FUSED_CLASSES = [fused_adv.FGM, fused_adv.FGSM, fused_adv.PGD, fused_adv.AWP, fused_adv.FreeLB, fused_adv.SMART,
                  fused_sift.AdversarialLearner, fused_sift.PerturbationLayer, fused_adv.MIFGSM,
-                 fused_adv.AdvWeightPerturb]
+                 fused_adv.AdvWeightPerturb, fused_adv.FreeAT, fused_adv.YOPO]
 REFERENCE_CLASSES = [reference.FGM, reference.FGSM, reference.PGD, reference.AWP, reference.FreeLB,
                      reference.SMART, reference.AdversarialLearner, reference.PerturbationLayer, reference.MIFGSM,
-                     reference.AdvWeightPerturb]
+                     reference.AdvWeightPerturb, reference.FreeAT, reference.YOPO]
 
 
 def test_fused_classes_do_not_inherit_from_the_oracle():
@@ -386,7 +386,7 @@ def test_fused_modules_do_not_import_the_oracle():
 
 ENTRY_POINTS = ("__init__", "attack", "attack_backward", "attack_step", "backup_grad", "restore_grad", "loss",
                 "restore", "perturbed", "update_delta", "init_delta", "forward", "adversarial_", "prepare",
-                "cleanup")
+                "cleanup", "replay", "train_batch", "inner_steps")
 
 
 @pytest.mark.parametrize("cls", FUSED_CLASSES + REFERENCE_CLASSES, ids=lambda c: f"{c.__module__}.{c.__name__}")
