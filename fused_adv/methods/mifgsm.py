@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, data_of, select_by_name
+from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, select_by_name
 from fused_adv.methods.pgd import PGD
 
 
@@ -57,14 +57,20 @@ class MIFGSM(PGD):
         backed up but not moved.  Any float dtype; M has P's dtype.  Raises AttackStateError for a
         first attack while attacked, a later step before a first one, or a later step whose
         ``emb_name`` selects parameters the first did not back up; ValueError when ``emb_name``
-        matches no trainable parameter."""
-        chosen = [p for _, p in select_by_name(self.model, self.emb_name if emb_name is None else emb_name,
-                                               what="emb_name")]
+        matches no trainable parameter; fused_adv.sharding.ShardingError for layouts it cannot work
+        on (restore_mode='swap' on sharded parameters, Partial placements, FSDP1 without
+        use_orig_params).  Sharded parameters: momenta and backups are local-shard sized."""
+        self._sharding()
+        named = select_by_name(self.model, self.emb_name if emb_name is None else emb_name, what="emb_name")
+        chosen = [p for _, p in named]
+        # Under sharding (docs/methods.md §12 (Sharded training)) the kernels run on this rank's
+        # pieces and ||G||_1 is the sum of the pieces' L1 norms: one all_reduce, no host sync.
+        loc = self._localize(chosen, [self._grad(p) for p in chosen], [n for n, _ in named])
         if is_first_attack:
             if self._attacked is not None:
                 raise AttackStateError("MIFGSM.attack(is_first_attack=True) called again before restore()")
-            backups = self._pool.get(chosen)
-            momenta = self._momenta.get(chosen)
+            backups = self._pool.get(chosen, like=loc.locals)
+            momenta = self._momenta.get(chosen, like=loc.locals)
         else:
             if self._attacked is None:
                 raise AttackStateError("MIFGSM.attack(is_first_attack=False) before a first attack: "
@@ -76,19 +82,17 @@ class MIFGSM(PGD):
                                        "did not back up; use the same emb_name for every step")
             backups = [b for b, _ in pairs]
             momenta = [m for _, m in pairs]
-        grads = [self._grad(p) for p in chosen]
-        idx = [i for i, g in enumerate(grads) if g is not None]
+        live = set(loc.live)
         if is_first_attack:
-            for i, p in enumerate(chosen):
-                if grads[i] is None:   # backed up, momentum 0, not moved (as the reference)
-                    backups[i].copy_(p.detach())
+            for i, piece in enumerate(loc.locals):
+                if i not in live:   # backed up, momentum 0, not moved (as the reference)
+                    backups[i].copy_(piece)
                     momenta[i].zero_()
-        if idx:
-            P = data_of(chosen[i] for i in idx)
-            G = [grads[i] for i in idx]
-            n1 = ops.multi_tensor_abssum(G, backend=self.backend)
-            ops.mifgsm_perturb_(P, G, [momenta[i] for i in idx], [backups[i] for i in idx], n1,
-                                self.alpha, self.epsilon, self.decay, is_first_attack, backend=self.backend)
+        if loc.live or loc.sharded:  # every rank joins the collective, also with nothing local
+            n1 = loc.reduce(ops.multi_tensor_abssum(loc.grads, backend=self.backend))
+            ops.mifgsm_perturb_(loc.params, loc.grads, [momenta[i] for i in loc.live],
+                                [backups[i] for i in loc.live], n1, self.alpha, self.epsilon, self.decay,
+                                is_first_attack, backend=self.backend)
         if is_first_attack:
             self._attacked = list(zip(chosen, backups))
             self._state = list(zip(chosen, backups, momenta))
