@@ -248,6 +248,13 @@ class ShardingLayout:
         return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
                          grads=[local_grads[i] for i in live], plan=plan)
 
+    @staticmethod
+    def maybe_sharded(p: Tensor) -> bool:
+        """True for a parameter that may be sharded (a DTensor, or an FSDP1 original parameter):
+        one a caller must keep in its list even when its ``.grad`` is None on this rank, so that
+        every rank passes the same slots (see the module docstring)."""
+        return _is_dtensor(p) or bool(getattr(p, "_fsdp_flattened", False))
+
     def pieces(self, params: Sequence[Tensor]) -> list[Tensor]:
         """The local piece of each parameter (what :attr:`Localized.locals` holds), without a
         reduction plan: for restore, which writes the backups back and reduces nothing."""

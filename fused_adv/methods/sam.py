@@ -19,6 +19,7 @@ import torch
 
 from fused_adv import ops
 from fused_adv.methods._common import AttackStateError
+from fused_adv.sharding import ShardingLayout
 
 
 class SAM(torch.optim.Optimizer):
@@ -32,6 +33,11 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.param_groups``).
         rho: neighbourhood radius (>= 0).  adaptive: ASAM (scale by |P|).
         backend: 'auto' | 'cuda' | 'triton' | 'cpp' | 'torch' for the kernels.
+        model: only for FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``): the wrapped
+            model, where the parameters' flat shards are found.  DTensor parameters (FSDP2,
+            HSDP, tensor parallel) need nothing: the climb runs on the local shards and the one
+            global norm sums every tensor's reduced sum of squares (one all_reduce per process
+            group, no host sync; docs/methods.md §12 (Sharded training)).
         kwargs: the base optimizer's arguments (also SAM's defaults, as in the original).
 
     Every parameter with a gradient takes part; all of them must live on one device (the global
@@ -43,7 +49,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", model: torch.nn.Module | None = None, **kwargs):
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho, should be non-negative: {rho}")
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
@@ -57,11 +63,12 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
+        self._layout = ShardingLayout(model)
         self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, backups)
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                       backend: str = "auto") -> "SAM":
+                       backend: str = "auto", model: torch.nn.Module | None = None) -> "SAM":
         """SAM around an optimizer that already exists (a Trainer's, a scheduler's target): it
         becomes ``base_optimizer`` and SAM shares its param groups, adding ``rho`` / ``adaptive``
         to the groups that lack them (a group's own values win).  The optimizer, its state and its
@@ -78,6 +85,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults.update(optimizer.defaults)
         self.backend = backend
+        self._layout = ShardingLayout(model)
         self._perturbed = None
         return self
 
@@ -97,24 +105,32 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise AttackStateError("SAM.first_step() called twice without second_step(): the weights are "
                                    "already at w + e(w); call second_step() (or restore()) first")
-        params, grads, backups, runs = [], [], [], []  # runs: [start, end, rho, adaptive]
+        # Every rank lists the same slots (a rank holding none of a parameter has no .grad for it
+        # under FSDP1); localize keeps the live local pieces, in slot order.
+        slots, slot_grads, settings = [], [], []
         for group in self.param_groups:
             rho, adaptive = group["rho"], bool(group["adaptive"])
             if not rho >= 0:
                 raise ValueError(f"SAM: param group rho must be >= 0, got {rho}")
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None and not self._layout.maybe_sharded(p):
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise TypeError("SAM does not support sparse gradients (nn.Embedding(sparse=True))")
-                if runs and runs[-1][2] == rho and runs[-1][3] == adaptive:
-                    runs[-1][1] += 1
-                else:
-                    runs.append([len(params), len(params) + 1, rho, adaptive])
-                params.append(p.detach())
-                grads.append(p.grad)
-                backups.append(self._backup_of(p))
-        if not params:
+                slots.append(p)
+                slot_grads.append(p.grad)
+                settings.append((rho, adaptive))
+        loc = self._layout.localize(slots, slot_grads)
+        params, grads = loc.params, loc.grads
+        runs = []  # [start, end, rho, adaptive] over the live pieces
+        for k, i in enumerate(loc.live):
+            rho, adaptive = settings[i]
+            if runs and runs[-1][2] == rho and runs[-1][3] == adaptive:
+                runs[-1][1] += 1
+            else:
+                runs.append([k, k + 1, rho, adaptive])
+        backups = [self._backup_of(slots[i], like=params[k]) for k, i in enumerate(loc.live)]
+        if not params and not loc.sharded:
             raise ValueError("SAM.first_step(): no parameter has a gradient; call backward() first")
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -128,7 +144,13 @@ class SAM(torch.optim.Optimizer):
                 continue
             sums.append(ops.sam_sumsq(params[start:b], grads[start:b], adaptive, backend=self.backend))
             start = b
+        if not sums:  # a rank holding no live piece still joins the collective
+            sums.append(torch.empty(0, dtype=torch.float32, device=loc.plan.device))
         grad_sumsq = sums[0] if len(sums) == 1 else torch.cat(sums)
+        if loc.sharded:
+            # Every tensor's sum reduced over the ranks that share it, one entry per slot: the op
+            # sums the vector, so tensors held only by other ranks count, replicated ones once.
+            grad_sumsq = loc.reduce(grad_sumsq, slots=True)
         for a, b, rho, adaptive in runs:
             ops.sam_perturb_(params[a:b], grads[a:b], backups[a:b], grad_sumsq, rho, adaptive,
                              backend=self.backend)
@@ -163,7 +185,8 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is None:
             raise AttackStateError("SAM.restore() called without first_step()")
         params, backups = self._perturbed
-        ops.restore_(params, backups, backend=self.backend)
+        if params:  # a rank holding no live piece under sharding has nothing to copy
+            ops.restore_(params, backups, backend=self.backend)
         self._perturbed = None
 
     @property
@@ -199,12 +222,14 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.param_groups = self.param_groups
 
     # -- internals ---------------------------------------------------------------------------
-    def _backup_of(self, p: torch.Tensor) -> torch.Tensor:
-        """state[p]["old_p"], allocated once (contiguous, p's shape/dtype/device) and reused."""
+    def _backup_of(self, p: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """state[p]["old_p"], allocated once (contiguous, p's shape/dtype/device, or those of
+        ``like``, p's local shard) and reused."""
         st = self.state[p]
         b = st.get("old_p")
-        if (b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+        t = p if like is None else like
+        if (b is None or b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
                 or not b.is_contiguous()):
-            b = torch.empty_like(p, memory_format=torch.contiguous_format).detach()
+            b = torch.empty_like(t, memory_format=torch.contiguous_format).detach()
             st["old_p"] = b
         return b
