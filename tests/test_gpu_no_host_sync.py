@@ -2,7 +2,7 @@
 contract)): every zero/NaN guard is a device-side select.  Checked with
 torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising call, for every fused
 class: FGM, FGSM, MIFGSM, PGD, AWP, AdvWeightPerturb (weights perturbed and restored) and FreeLB,
-SMART, SiFT's AdversarialLearner (the embedding output perturbed).
+SMART, SiFT's AdversarialLearner, FreeAT (both rules), YOPO (the embedding output perturbed).
 
 AdvWeightPerturb and the activation methods run forward/backward passes inside the checked region,
 so their model must itself be sync-free: :class:`SyncFreeClassifier` (nn.Embedding's CUDA backward synchronises to
@@ -25,7 +25,7 @@ from models import ToyBert, batch
 pytestmark = pytest.mark.gpu
 
 WEIGHT_CLASSES = ["FGM", "FGSM", "MIFGSM", "PGD", "AWP"]
-ACTIVATION_CLASSES = ["FreeLB", "SMART", "SiFT"]
+ACTIVATION_CLASSES = ["FreeLB", "SMART", "SiFT", "FreeAT", "FreeAT-l2", "YOPO"]
 
 
 class _IndexSelectEmbedding(nn.Embedding):
@@ -158,6 +158,14 @@ def _activation_step(cls, model, inputs, backend):
     if cls == "FreeLB":
         freelb = fused_adv.FreeLB(adv_K=3, adv_lr=0.05, adv_init_mag=0.05, adv_max_norm=0.05, backend=backend)
         return lambda: freelb.attack(model, inputs)
+    if cls.startswith("FreeAT"):
+        kw = dict(adv_norm_type="l2", adv_init_mag=0.05) if cls == "FreeAT-l2" else {}
+        freeat = fused_adv.FreeAT(adv_steps=2, adv_lr=0.01, adv_max_norm=0.05, backend=backend, **kw)
+        return lambda: torch.stack([freeat.replay(model, inputs, j) for j in range(2)]).sum()
+    if cls == "YOPO":
+        yopo = fused_adv.YOPO(adv_steps=1, yopo_steps=2, adv_lr=0.05, adv_init_mag=0.05, adv_max_norm=0.05,
+                              first_layer="encoder.0", backend=backend)
+        return lambda: yopo.attack(model, inputs)
     if cls == "SMART":
         smart = fused_adv.SMART(adv_K=2, step_size=1e-2, noise_var=1e-3, backend=backend)
 
