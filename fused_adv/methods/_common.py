@@ -9,7 +9,8 @@ functions instead of walking ``model.named_parameters()`` themselves).  The cont
   ``named_parameters()`` order.  With ``require_grad=True`` those whose ``.grad`` is None are
   left out.  Raises ValueError (listing embedding-like names) when NO trainable parameter's name
   contains ``pattern``.  When names match but none has a ``.grad`` (``require_grad=True``) the
-  result is an empty list, NOT an error: AWP then perturbs nothing, as the Kaggle class does.
+  result is an empty list; the attack then raises :class:`NoGradientError`
+  (:func:`no_gradient_error`) instead of moving nothing (the Kaggle class silently does nothing).
 * :func:`params_with_grad` ``(model)``: every trainable parameter whose ``.grad`` is not None
   (PGD's clean-gradient set-aside).  May be empty; never raises.
 * :func:`embedding_like_parameters` ``(model)``: names for error messages only.
@@ -28,6 +29,7 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv.sharding import Localized, ShardingError, ShardingLayout
+from fused_adv.sharding_deepspeed import DeepSpeedLayout, deepspeed_layout
 
 RESTORE_MODES = ("copy", "swap")
 
@@ -41,6 +43,22 @@ def check_restore_mode(mode: str) -> str:
 
 class AttackStateError(RuntimeError):
     """A method was called out of order (restore without attack, attack twice, ...)."""
+
+
+class NoGradientError(ValueError):
+    """An attack found no gradient for any parameter it chose: it would move nothing."""
+
+
+def no_gradient_error(cls_name: str, what: str, pattern: str) -> NoGradientError:
+    """The error an attack raises when none of its chosen parameters has a gradient, naming the
+    causes (every method, with or without a sharded or DeepSpeed layout)."""
+    return NoGradientError(
+        f"{cls_name}: none of the parameters chosen by {what}={pattern!r} has a gradient, so the attack would "
+        "move nothing. Causes: the attack came before loss.backward() / engine.backward(loss), or after "
+        "optimizer.zero_grad() / engine.step(); the chosen weights are frozen or unused by the forward (a "
+        "frozen PEFT/LoRA embedding: use FreeLB / SMART / SiFT, which perturb the embedding output); or a "
+        "wrapper keeps the gradients elsewhere (DeepSpeed ZeRO: build the method with the engine or "
+        "engine.module so they are read from ZeRO's partitions).")
 
 
 def embedding_like_parameters(model: nn.Module) -> list[str]:
@@ -125,16 +143,24 @@ def _named_matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Paramet
         _, pairs, slots = entry
         if all(d.get(attr) is p for d, attr, p in slots):
             return pairs
-    pairs, slots = [], []
+    pairs, slots, cacheable = [], [], True
     for name, p in model.named_parameters():
         if pattern in name:
             prefix, _, attr = name.rpartition(".")
             pairs.append((name, p))
-            slots.append((model.get_submodule(prefix)._parameters, attr, p))
-    try:
-        _SELECTIONS.setdefault(model, {})[pattern] = (_GENERATION[0], pairs, slots)
-    except TypeError:
-        pass
+            try:
+                held = model.get_submodule(prefix)._parameters
+            except AttributeError:
+                held = {}
+            # A model whose named_parameters() does not name where the parameter is held (an
+            # override, a wrapper) cannot be verified: it is walked every call, as before.
+            cacheable = cacheable and held.get(attr) is p
+            slots.append((held, attr, p))
+    if cacheable:
+        try:
+            _SELECTIONS.setdefault(model, {})[pattern] = (_GENERATION[0], pairs, slots)
+        except TypeError:
+            pass
     return pairs
 
 
@@ -220,15 +246,32 @@ class Perturbation:
 
     _layout: ShardingLayout | None = None
 
-    def _sharding(self) -> ShardingLayout:
-        """The model's layout (built once; raises ShardingError for FSDP1 use_orig_params=False)."""
+    def _sharding(self) -> ShardingLayout | DeepSpeedLayout:
+        """The model's layout, built at the first attack (a DeepSpeed engine may be built after the
+        method): a :class:`fused_adv.sharding_deepspeed.DeepSpeedLayout` when the model is a
+        DeepSpeed engine at ZeRO-1/2/3 or a module inside one (the gradients live in ZeRO's
+        partitions), else a :class:`fused_adv.sharding.ShardingLayout` (plain, DDP, ZeRO-0,
+        DTensor, FSDP1).  Both give ``localize(params, grads, names=)`` and ``pieces(params)``.
+        Raises ShardingError for FSDP1 use_orig_params=False and ZeRO-Offload."""
         if self._layout is None:
-            self._layout = ShardingLayout(getattr(self, "model", None))
+            model = getattr(self, "model", None)
+            ds = None if model is None else deepspeed_layout(model)
+            self._layout = ds if ds is not None and ds.stage > 0 else ShardingLayout(model)
         return self._layout
+
+    def _deepspeed(self) -> DeepSpeedLayout | None:
+        """The DeepSpeed ZeRO-1/2/3 layout, or None (see :meth:`_sharding`)."""
+        layout = self._sharding()
+        return layout if isinstance(layout, DeepSpeedLayout) else None
 
     def _localize(self, params, grads, names=None) -> Localized:
         """Local pieces + reduction plan (docs/methods.md §12 (Sharded training))."""
         loc = self._sharding().localize(params, grads, names=names)
+        if self._deepspeed() is not None and self.restore_mode == "swap":
+            raise ShardingError(
+                f"{type(self).__name__}(restore_mode='swap') re-points param.data, which would cut the weights off "
+                f"the DeepSpeed ZeRO-{self._deepspeed().stage} engine's flat buffers / partitions; use "
+                "restore_mode='copy' (the default) under DeepSpeed")
         if loc.sharded and self.restore_mode == "swap":
             raise ShardingError(
                 f"{type(self).__name__}(restore_mode='swap') re-points param.data, which would cut a sharded "

@@ -90,8 +90,28 @@ def why_not(backend: str, device: torch.device, op: str) -> str | None:
     return f"unknown backend (choose from {', '.join(BACKENDS)} or 'auto')"
 
 
+# resolve()'s answers, keyed by everything they depend on that can change in a process: the
+# arguments, FUSED_ADV_BACKEND and TRITON_INTERPRET, and the registry's own state (NATIVE and
+# the extension).  A training step resolves a handful of ops every step; without the cache each
+# resolution re-reads the environment and re-asks why_not of every backend (host time the GPU
+# waits for, docs/design.md §7 (Targets)).  Failures are not cached: they raise every time.
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend name that will run ``op`` on ``device``."""
+    """The backend name that will run ``op`` on ``device`` (cached per backend, device type,
+    op and environment).  Raises BackendUnavailableError when an explicitly requested backend
+    cannot serve the call (the message lists every backend's reason)."""
+    env = os.environ
+    key = (backend, device.type, op, env.get("FUSED_ADV_BACKEND"), env.get("TRITON_INTERPRET"),
+           len(_library.NATIVE), _library.EXTENSION is None)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve(backend, device, op)
+    return hit
+
+
+def _resolve(backend: str | None, device: torch.device, op: str) -> str:
     requested = backend if backend not in (None, "auto") else os.environ.get("FUSED_ADV_BACKEND", "auto")
     requested = requested.strip().lower() or "auto"
     if requested == "auto":

@@ -72,6 +72,28 @@ def _check(op: str, params: Sequence[Tensor], *others: tuple[str, Sequence[Tenso
     return out
 
 
+# Sentinel: the native fast path did not run (fall through to the validating path).
+_MISSED = object()
+
+
+def _native(name: str, op: str, *args):
+    """The fast path of every wrapper here: when the resolved backend is a compiled kernel (cpp,
+    cuda), call it on the arguments as given and return its result.  The kernels check their
+    arguments themselves (csrc/common/checks.h: devices, dtypes, shapes, contiguity, the float32
+    statistics vectors) before touching any memory, so the Python validation below is only
+    needed to turn a rejected call into this module's clear ValueError / TypeError, or to make
+    non-contiguous grads contiguous: a RuntimeError from the kernel sends the call down the
+    validating path, which then raises that error (or fixes the arguments and calls again).
+    Why: the per-tensor Python checks cost ~1 us per tensor, i.e. most of a 400-tensor step's
+    host time (docs/design.md §7 (Targets)).  Returns _MISSED when the fast path did not run."""
+    if name != "cpp" and name != "cuda":
+        return _MISSED
+    try:
+        return getattr(torch.ops.fused_adv, op)(*args)
+    except RuntimeError:
+        return _MISSED
+
+
 def _vector(name: str, t: Tensor, n: int, device: torch.device, cols: int | None = None) -> Tensor:
     shape = (n,) if cols is None else (n, cols)
     if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device:
@@ -82,6 +104,10 @@ def _vector(name: str, t: Tensor, n: int, device: torch.device, cols: int | None
 
 def multi_tensor_sumsq(tensors: Sequence[Tensor], *, backend: str | None = None) -> Tensor:
     """float32[N]: sum of squares of each tensor, accumulated in fp32 or wider, one launch."""
+    if tensors:
+        out = _native(resolve(backend, tensors[0].device, "multi_tensor_sumsq"), "multi_tensor_sumsq", tensors)
+        if out is not _MISSED:
+            return out
     (tensors,) = _check("multi_tensor_sumsq", tensors)
     device = _device_of(tensors)
     if not tensors:
@@ -92,6 +118,11 @@ def multi_tensor_sumsq(tensors: Sequence[Tensor], *, backend: str | None = None)
 
 def pgd_reduce(params, grads, backups, first: bool, *, backend: str | None = None) -> Tensor:
     """float32[N, 3]: (||G||^2, <P-B, G>, ||P-B||^2) per tensor; columns 1-2 are 0 when ``first``."""
+    if params:
+        out = _native(resolve(backend, params[0].device, "pgd_reduce"), "pgd_reduce", params, grads, backups,
+                      bool(first))
+        if out is not _MISSED:
+            return out
     params, grads, backups = _check("pgd_reduce", params, ("grads", grads), ("backups", backups))
     device = _device_of(params)
     if not params:
@@ -103,6 +134,9 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
                  *, backend: str | None = None) -> None:
     """If write_backup, B <- P; then P <- P + epsilon*G/||G|| where ||G|| = sqrt(grad_sumsq[i])
     is neither 0 nor NaN (else P unchanged).  Mutates params (and backups)."""
+    if params and _native(resolve(backend, params[0].device, "fgm_perturb_"), "fgm_perturb_", params, grads, backups,
+                          grad_sumsq, float(epsilon), bool(write_backup)) is not _MISSED:
+        return
     params, grads, backups = _check("fgm_perturb_", params, ("grads", grads), ("backups", backups),
                                     mutated=(params, backups))
     if not params:
@@ -115,6 +149,9 @@ def fgm_perturb_(params, grads, backups, grad_sumsq: Tensor, epsilon: float, wri
 
 def fgsm_perturb_(params, grads, backups, epsilon: float, write_backup: bool, *, backend: str | None = None) -> None:
     """If write_backup, B <- P; then P <- P + epsilon*sign(G).  Mutates params (and backups)."""
+    if params and _native(resolve(backend, params[0].device, "fgsm_perturb_"), "fgsm_perturb_", params, grads,
+                          backups, float(epsilon), bool(write_backup)) is not _MISSED:
+        return
     params, grads, backups = _check("fgsm_perturb_", params, ("grads", grads), ("backups", backups),
                                     mutated=(params, backups))
     if not params:
@@ -128,6 +165,9 @@ def pgd_perturb_(params, grads, backups, stats: Tensor, alpha: float, epsilon: f
                  *, backend: str | None = None) -> None:
     """One PGD step with the analytic projection onto the epsilon-ball around B.  If ``first``,
     B <- P first.  ``stats`` comes from :func:`pgd_reduce` with the same ``first``."""
+    if params and _native(resolve(backend, params[0].device, "pgd_perturb_"), "pgd_perturb_", params, grads, backups,
+                          stats, float(alpha), float(epsilon), bool(first)) is not _MISSED:
+        return
     params, grads, backups = _check("pgd_perturb_", params, ("grads", grads), ("backups", backups),
                                     mutated=(params, backups))
     if not params:
@@ -142,6 +182,9 @@ def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor
                  adv_eps: float, first: bool, *, backend: str | None = None) -> None:
     """One AWP step: if ``first``, B <- P; then for tensors whose ||G|| is neither 0 nor NaN,
     P <- clamp(P + adv_lr*G/(||G||+1e-6)*(||P||+1e-6), B - adv_eps|B|, B + adv_eps|B|)."""
+    if params and _native(resolve(backend, params[0].device, "awp_perturb_"), "awp_perturb_", params, grads, backups,
+                          grad_sumsq, param_sumsq, float(adv_lr), float(adv_eps), bool(first)) is not _MISSED:
+        return
     params, grads, backups = _check("awp_perturb_", params, ("grads", grads), ("backups", backups),
                                     mutated=(params, backups))
     if not params:
@@ -155,6 +198,8 @@ def awp_perturb_(params, grads, backups, grad_sumsq: Tensor, param_sumsq: Tensor
 
 def restore_(params, backups, *, backend: str | None = None) -> None:
     """P <- B for every pair, bit-exact.  Mutates params."""
+    if params and _native(resolve(backend, params[0].device, "restore_"), "restore_", params, backups) is not _MISSED:
+        return
     params, backups = _check("restore_", params, ("backups", backups), mutated=(params,))
     if not params:
         return
