@@ -2,9 +2,9 @@
 float64 cases, the fused drop-ins against the references on a tiny BERT (every CPU backend this
 machine runs), the freeat_update_ op against its float64 statement, and the misuse errors.
 
-Hand-computed cases use a linear toy model: x = embeds + noise [B, L, E], h = x A^T (the "first
-layer", A fixed), loss = sum(h * c) + 0.5 * |c|^2 ... (see ToyLinear), so dloss/dx = A^T c at
-every position and every step can be written out by hand.
+Hand-computed cases use a linear toy model (ToyLinear): x = embeds + noise [B, L, E], h = x A^T
+(the "first layer"), loss = sum(h * c), so dloss/dx = A^T c at every position, dloss/dh = c, and
+every step can be written out by hand.
 """
 import copy
 import math
