@@ -121,6 +121,7 @@ class _Fsdp1Info:
     flat: object             # the FlatParameter the parameter lives in
     offset: int              # where this rank's piece starts in flat._local_shard
     numel_in_shard: int      # numel of this rank's piece (0 when not in this rank's shard)
+    shape: tuple = ()        # the original (unsharded) shape
 
     def piece(self) -> Tensor:
         """This rank's piece, cut from the FlatParameter's local shard itself: the storage the
@@ -163,9 +164,10 @@ class ShardingLayout:
             flat = handle.flat_param
             group = handle.process_group if handle.uses_sharded_strategy else None
             infos = flat._shard_param_infos
-            for p, info in zip(flat._params, infos):
+            for p, info, shape in zip(flat._params, infos, flat._shapes):
                 n = int(info.numel_in_shard) if info.in_shard else 0
-                self._fsdp1[id(p)] = _Fsdp1Info(group, flat, int(info.offset_in_shard) if n else 0, n)
+                self._fsdp1[id(p)] = _Fsdp1Info(group, flat, int(info.offset_in_shard) if n else 0, n,
+                                                tuple(shape))
             # Tied weights: the duplicate's data is the primary's (see FlatParamHandle._use_sharded_views).
             for p, shared in zip(flat._shared_params or (), flat._shared_param_infos or ()):
                 prim = getattr(shared.prim_module, shared.prim_param_name, None)
@@ -247,6 +249,17 @@ class ShardingLayout:
             plan = self._plans[key] = _Plan.build(n, live, slot_groups, device)
         return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
                          grads=[local_grads[i] for i in live], plan=plan)
+
+    def global_shape(self, p: Tensor) -> tuple:
+        """The parameter's full (unsharded) shape: a DTensor's own shape, the original shape of an
+        FSDP1 parameter (which is a 1-D view of this rank's piece outside forward), else
+        ``p.shape``.  For selections by shape (e.g. the AWP paper's "dim > 1") that must not
+        depend on the layout."""
+        if not _is_dtensor(p) and getattr(p, "_fsdp_flattened", False):
+            info = self._fsdp1_info(p)
+            if info is not None:
+                return info.shape
+        return tuple(p.shape)
 
     @staticmethod
     def maybe_sharded(p: Tensor) -> bool:

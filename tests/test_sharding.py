@@ -22,6 +22,11 @@ result on both ranks.  What they check:
   rank 0's shard, one entirely in rank 1's and one split: same reductions over the FSDP group,
   FGM written into the flat shard shows in the gathered weights and in the next forward; restore
   bit-exact; use_orig_params=False raises ShardingError naming use_orig_params=True.
+* methods_fsdp2 / methods_fsdp1 (FGM, FGSM, PGD, AWP) and methods_ext_fsdp2 / methods_ext_fsdp1
+  (MI-FGSM 3 steps, SAM 2 steps with SGD, the AWP paper's loop 2 steps with proxy=None): fused
+  on the sharded model, each rank half of the batch, vs an unsharded run on the whole batch:
+  every full weight seen while perturbed, the final weights and gradients within 1e-5, and the
+  number of all_reduce calls per attack (one per reduction phase).
 """
 from __future__ import annotations
 

@@ -27,12 +27,21 @@ from torch import nn
 from fused_adv import ops
 from fused_adv._torch.weight_ext import awp_paper_factor
 from fused_adv.methods._common import AttackStateError, data_of
+from fused_adv.sharding import ShardingLayout, _is_dtensor
 
 
-def perturbed_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def _fsdp1_param(p) -> bool:
+    return bool(getattr(p, "_fsdp_flattened", False)) and not _is_dtensor(p)
+
+
+def perturbed_weights(model: nn.Module, layout: ShardingLayout | None = None) -> list[tuple[str, nn.Parameter]]:
     """The parameters the paper perturbs: name contains 'weight' and dim > 1 (no biases, no
-    LayerNorm/BatchNorm weights), each once (tied weights under their first name)."""
-    return [(n, p) for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
+    LayerNorm/BatchNorm weights), each once (tied weights under their first name).  ``layout``:
+    the model's fused_adv.sharding layout, so that the dim is the full tensor's (an FSDP1
+    parameter is a 1-D view of its shard)."""
+    if layout is None:
+        return [(n, p) for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
+    return [(n, p) for n, p in model.named_parameters() if "weight" in n and len(layout.global_shape(p)) > 1]
 
 
 class AWPDiff(Mapping):
@@ -97,7 +106,8 @@ class AdvWeightPerturb:
                              "(proxy=None: the proxy step is computed from the gradient, with proxy_lr)")
         if proxy is model and proxy is not None:
             raise ValueError("AdvWeightPerturb: proxy must be a separate copy of the model (or None)")
-        if not perturbed_weights(model):
+        layout = ShardingLayout(model)  # docs/methods.md §12 (Sharded training)
+        if not perturbed_weights(model, layout):
             raise ValueError(f"AdvWeightPerturb: {type(model).__name__} has no parameter whose name contains "
                              "'weight' with dim > 1; the paper's AWP would perturb nothing")
         self.model = model
@@ -107,6 +117,7 @@ class AdvWeightPerturb:
         self.proxy_lr = proxy_lr
         self.backend = backend
         self._perturbed: AWPDiff | Mapping | None = None
+        self._layout = layout
 
     # ------------------------------------------------------------------ calc_awp
     def _loss(self, module: nn.Module, inputs_adv, targets, closure: Callable | None) -> torch.Tensor:
@@ -121,9 +132,11 @@ class AdvWeightPerturb:
         ``closure(m)`` (a scalar tensor; e.g. ``lambda m: m(**batch).loss``), with m the proxy
         (loaded from the model, put in train mode, one ``proxy_optim`` step on -loss) or, when
         ``proxy=None``, the model itself in train mode (its mode is put back; its ``.grad`` is not
-        touched).  Returns an :class:`AWPDiff` (name -> diff).  The model's weights are not changed.
+        touched; on sharded parameters the gradient comes from a ``backward()`` with ``.grad`` set
+        aside and put back, see docs/methods.md §12 (Sharded training)).  Returns an :class:`AWPDiff` (name -> diff).  The model's weights are not changed.
         Raises ValueError for both or neither of (inputs_adv, targets) and ``closure``;
-        AttackStateError while the model is perturbed (restore first)."""
+        AttackStateError while the model is perturbed (restore first); fused_adv.sharding.ShardingError
+        for layouts it cannot work on (Partial placements, FSDP1 without use_orig_params)."""
         by_inputs = inputs_adv is not None or targets is not None
         if (closure is not None and by_inputs) or (closure is None and (inputs_adv is None or targets is None)):
             raise ValueError("calc_awp: pass inputs_adv and targets (cross-entropy of model(inputs_adv)), or "
@@ -131,7 +144,9 @@ class AdvWeightPerturb:
         if self._perturbed is not None:
             raise AttackStateError("AdvWeightPerturb.calc_awp() while the model is perturbed: call restore(diff) "
                                    "first (the direction must be taken at the unperturbed weights)")
-        chosen = perturbed_weights(self.model)
+        chosen = perturbed_weights(self.model, self._layout)
+        if any(self._layout.maybe_sharded(p) for _, p in chosen):
+            return self._calc_awp_sharded(chosen, inputs_adv, targets, closure)
         names = [n for n, _ in chosen]
         params = data_of(p for _, p in chosen)
         if self.proxy is not None:
@@ -167,6 +182,58 @@ class AdvWeightPerturb:
         stats = ops.multi_tensor_sumsq(params + dirs, backend=self.backend)
         n = len(params)
         return AWPDiff(self, names, params, dirs, stats[:n], stats[n:], scale)
+
+    def _calc_awp_sharded(self, chosen, inputs_adv, targets, closure) -> AWPDiff:
+        """calc_awp on sharded parameters (FSDP2 / HSDP / TP DTensors, FSDP1 use_orig_params=True):
+        the directions and the statistics on this rank's pieces, ||W||^2 and ||D||^2 summed over
+        the ranks that share each tensor with one all_reduce per process group (no host sync).
+        Without a proxy the gradient is taken with ``backward()``: FSDP gathers the weights
+        outside autograd and hands the gradients to the sharded parameters in its own
+        post-backward hooks, so ``torch.autograd.grad`` cannot reach them; the model's ``.grad``
+        is set aside for it and put back afterwards (under FSDP1 copies of the gradient pieces,
+        because FSDP1 writes the original parameters' gradients back into its flat gradient in
+        place)."""
+        names = [n for n, _ in chosen]
+        objs = [p for _, p in chosen]
+        if self.proxy is not None:
+            self.proxy.load_state_dict(self.model.state_dict())
+            self.proxy.train()
+            loss = -self._loss(self.proxy, inputs_adv, targets, closure)
+            self.proxy_optim.zero_grad()
+            loss.backward()
+            self.proxy_optim.step()
+            proxy_params = dict(self.proxy.named_parameters())
+            missing = [n for n in names if n not in proxy_params]
+            if missing:
+                raise ValueError(f"calc_awp: the proxy has no parameter named {missing[0]!r}; the proxy must be "
+                                 "the model's architecture, sharded the same way")
+            with torch.no_grad():
+                dirs = [proxy_params[n].detach() - p.detach() for n, p in chosen]
+            scale = 1.0
+        else:
+            every = list(self.model.parameters())
+            saved = [None if p.grad is None else (p.grad.detach().clone() if _fsdp1_param(p) else p.grad)
+                     for p in every]
+            was_training = self.model.training
+            self.model.train()
+            try:
+                for p in every:
+                    p.grad = None
+                self._loss(self.model, inputs_adv, targets, closure).backward()
+                dirs = [None if not p.requires_grad or p.grad is None
+                        else (p.grad.detach().clone() if _fsdp1_param(p) else p.grad.detach())
+                        for p in objs]
+            finally:
+                self.model.train(was_training)
+                for p, g in zip(every, saved):
+                    p.grad = g
+            scale = float(self.proxy_lr)
+        loc = self._layout.localize(objs, dirs, names=names)
+        params = loc.params
+        dirs = [d if d.is_contiguous() else d.contiguous() for d in loc.grads]
+        n = len(params)
+        stats = loc.reduce(ops.multi_tensor_sumsq(params + dirs, backend=self.backend).view(2, n), dim=1)
+        return AWPDiff(self, [names[i] for i in loc.live], params, dirs, stats[0], stats[1], scale)
 
     # ------------------------------------------------------------------ perturb / restore
     def _apply(self, diff, coeff: float) -> None:
