@@ -25,24 +25,34 @@ C10_HOST_DEVICE inline double quot_rn(double a, double b) { return a / b; }
 //   M' = G/n (first step) or decay*M + G/n, stored in T;  P' = clamp(P + alpha*sign(M'), lo, hi)
 // with lo = B - eps and hi = B + eps rounded to T (as the reference computes them in P's dtype);
 // the clamp propagates NaN from any operand (torch.clamp with tensor bounds).
+// (Two functions, not one returning a struct: the CPU loop then vectorizes.)
 template <typename T>
-struct MomentumOut {
-  T p;
-  T m;
-};
-
-template <typename T>
-C10_HOST_DEVICE inline MomentumOut<T> mifgsm_step(T p, T g, T m, T b, opmath_t<T> n, opmath_t<T> alpha,
-                                                  opmath_t<T> eps, opmath_t<T> decay, bool first) {
+C10_HOST_DEVICE inline T mifgsm_momentum(T g, T m, opmath_t<T> n, opmath_t<T> decay, bool first) {
   using M = opmath_t<T>;
-  M step = quot_rn(static_cast<M>(g), n);
-  if (!first) step = add_rn(mul_rn(decay, static_cast<M>(m)), step);
-  const T mt = static_cast<T>(step);
-  const M v = add_rn(static_cast<M>(p), mul_rn(alpha, sign_of(static_cast<M>(mt))));
+  const M step = quot_rn(static_cast<M>(g), n);
+  return static_cast<T>(first ? step : add_rn(mul_rn(decay, static_cast<M>(m)), step));
+}
+
+// nan_min(nan_max(v, lo), hi) (kernel_math.h) written as flat selects that GCC if-converts, so the
+// CPU loop vectorizes: the same result for every input (ties give the bound, as nan_max/nan_min give
+// their second operand), except that a NaN result is v + lo + hi (a NaN; its payload may differ).
+template <typename M>
+C10_HOST_DEVICE inline M clamp_nan(M v, M lo, M hi) {
+  const bool nan = (v != v) | (lo != lo) | (hi != hi);
+  M r = v > lo ? v : lo;
+  r = r < hi ? r : hi;
+  return nan ? v + lo + hi : r;
+}
+
+// P' from P, the new (stored) momentum M', and the backup B.
+template <typename T>
+C10_HOST_DEVICE inline T mifgsm_param(T p, T m_new, T b, opmath_t<T> alpha, opmath_t<T> eps) {
+  using M = opmath_t<T>;
+  const M v = add_rn(static_cast<M>(p), mul_rn(alpha, sign_of(static_cast<M>(m_new))));
   const M bv = static_cast<M>(b);
   const M lo = static_cast<M>(static_cast<T>(sub_rn(bv, eps)));
   const M hi = static_cast<M>(static_cast<T>(add_rn(bv, eps)));
-  return {static_cast<T>(nan_min(nan_max(v, lo), hi)), mt};
+  return static_cast<T>(clamp_nan(v, lo, hi));
 }
 
 // ---- AWP as the paper does it (docs/methods.md §4b (AWP (paper))) ----------------------------

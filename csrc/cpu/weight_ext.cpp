@@ -11,6 +11,11 @@
 
 #include <type_traits>
 
+// Everything below (this file's functions and the element math of the two headers, whose guards
+// are first met here) is compiled without -ftrapping-math: FP comparisons may then be evaluated
+// speculatively, so the MI-FGSM loop (sign and clamp are comparisons) if-converts and vectorizes.
+// Results are unchanged; only the FP exception flags, which nothing reads, may differ.
+#pragma GCC optimize("no-trapping-math")
 #include "common/weight_ext_math.h"
 #include "cpu/multi_tensor.h"
 
@@ -20,7 +25,8 @@ namespace {
 
 using common::awp_paper_factor;
 using common::awp_paper_step;
-using common::mifgsm_step;
+using common::mifgsm_momentum;
+using common::mifgsm_param;
 using common::norm_ok;
 using common::opmath_t;
 
@@ -76,6 +82,19 @@ at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
   return out;
 }
 
+// One MI-FGSM chunk.  FIRST is a template argument and the four streams are distinct tensors
+// (restrict): the loop has no branch the compiler cannot turn into selects, so it vectorizes
+// (with a runtime `first` and a struct-returning step it ran ~3x slower than PGD's update).
+template <bool FIRST, typename T>
+void mifgsm_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, const T* __restrict__ b,
+                  int64_t len, opmath_t<T> n, opmath_t<T> a, opmath_t<T> e, opmath_t<T> d) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T mt = mifgsm_momentum<T>(g[j], FIRST ? T(0) : m[j], n, d, FIRST);
+    m[j] = mt;
+    p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
+  }
+}
+
 void mifgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta, at::TensorList backups,
                         const at::Tensor& grad_abssum, double alpha, double epsilon, double decay, bool first) {
   check_lists("mifgsm_perturb_", {{"params", params}, {"grads", grads}, {"momenta", momenta}, {"backups", backups}});
@@ -97,13 +116,12 @@ void mifgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
         if (first) std::fill(m, m + len, T(0));
         return;
       }
-      const T* __restrict__ g = ptr<T>(grads[i], ch);
       const M n = static_cast<M>(n1[i]), a = static_cast<M>(alpha), e = static_cast<M>(epsilon),
               d = static_cast<M>(decay);
-      for (int64_t j = 0; j < len; ++j) {
-        const auto out = mifgsm_step<T>(p[j], g[j], first ? T(0) : m[j], b[j], n, a, e, d, first);
-        m[j] = out.m;
-        p[j] = out.p;
+      if (first) {
+        mifgsm_chunk<true, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
+      } else {
+        mifgsm_chunk<false, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
       }
     });
   });

@@ -19,7 +19,8 @@ namespace {
 
 using common::awp_paper_factor;
 using common::awp_paper_step;
-using common::mifgsm_step;
+using common::mifgsm_momentum;
+using common::mifgsm_param;
 using common::norm_ok;
 using common::opmath_t;
 
@@ -74,9 +75,9 @@ struct MifgsmFunctor {
         if (first) m[j] = T(0);
         continue;
       }
-      const auto out = mifgsm_step<T>(pv, g[j], first ? T(0) : m[j], first ? pv : b[j], nm, a, e, d, first);
-      m[j] = out.m;
-      p[j] = out.p;
+      const T mt = mifgsm_momentum<T>(g[j], first ? T(0) : m[j], nm, d, first);
+      m[j] = mt;
+      p[j] = mifgsm_param<T>(pv, mt, first ? pv : b[j], a, e);
     }
   }
 };
