@@ -301,3 +301,19 @@ def test_forward_that_raises_leaves_nothing_perturbed():
     assert not adv.is_attacked
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+# ---------------------------------------------------------------- FGSM's sign (docs/methods.md §2)
+def test_fgsm_sign_is_torch_sign(backend):
+    """sign is torch.sign on the reference and every fused backend: sign(NaN) = sign(-0) = 0 (a NaN
+    gradient entry moves nothing), sign(+-inf) = +-1 (issue 15's fidelity note)."""
+    device, be = backend
+    g = torch.tensor([math.nan, -0.0, 0.0, math.inf, -math.inf, 2.0])
+    want = torch.tensor([1.0, 1.0, 1.0, 1.5, 0.5, 1.5])
+    for make in (lambda m: R.FGSM(m, epsilon=0.5), lambda m: fused_adv.FGSM(m, epsilon=0.5, backend=be)):
+        m = OneParam([1.0] * 6).float().to(device)
+        m.word_embeddings.grad = g.to(device)
+        adv = make(m)
+        adv.attack()
+        assert torch.equal(m.word_embeddings.detach().cpu(), want)
+        adv.restore()
