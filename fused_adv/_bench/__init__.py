@@ -16,4 +16,6 @@ benchmarks/ holds only entry files that import it.
   (``python benchmarks/bookkeeping_cpu.py``)
 * :mod:`fused_adv._bench.activation_cpu`  the activation-space ops against their reference code
   (``python benchmarks/bench_activation_cpu.py``)
+* :mod:`fused_adv._bench.trainer_overhead` where an HF Trainer step with fused AWP spends its time
+  against the plain step (``python -m fused_adv._bench.trainer_overhead``)
 """

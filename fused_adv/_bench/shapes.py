@@ -16,6 +16,9 @@ Sets (``SHAPE_SETS``):
   minilm-l6         all-MiniLM-L6-v2, the demo's model, 22.7M params
   bert-mini         the "tiny BERT" of docs/design.md §1 (Users) (4 layers, hidden 256), 11.2M params
   toy               2 layers, hidden 32: for smoke runs (CI runs the suite once, untimed)
+  host-400          the host row: 400 tiny weights (a 64x16 embedding + 399 16x16), 0.1M params: the
+                    step time is the per-step host (Python + dispatch) cost that a GPU would wait
+                    for (a DeBERTa-large has ~390 tensors; docs/design.md §7 (Targets))
 """
 from __future__ import annotations
 
@@ -92,6 +95,12 @@ def _emb(rows: int, cols: int) -> list[tuple[str, Shape]]:
     return [("embeddings.word_embeddings.weight", (rows, cols))]
 
 
+def _many_tiny(n: int) -> list[tuple[str, Shape]]:
+    """n tiny weights: a 64x16 word embedding (what FGM/FGSM/PGD perturb) and n-1 16x16 layer
+    weights (AWP perturbs all n)."""
+    return _emb(64, 16) + [(f"encoder.layer.{i}.dense.weight", (16, 16)) for i in range(n - 1)]
+
+
 SHAPE_SETS: dict[str, ShapeSet] = {s.name: s for s in [
     ShapeSet("bert-base", tuple(bert_params(30522, 768, 12, 3072)), "BERT-base, 109.5M"),
     ShapeSet("bert-large", tuple(bert_params(30522, 1024, 24, 4096)), "BERT-large, 335.1M"),
@@ -101,17 +110,19 @@ SHAPE_SETS: dict[str, ShapeSet] = {s.name: s for s in [
     ShapeSet("minilm-l6", tuple(bert_params(30522, 384, 6, 1536)), "all-MiniLM-L6-v2, 22.7M"),
     ShapeSet("bert-mini", tuple(bert_params(30522, 256, 4, 1024)), "tiny BERT (4x256), 11.2M"),
     ShapeSet("toy", tuple(bert_params(1000, 32, 2, 64, max_pos=64)), "2x32 toy, smoke runs only"),
+    ShapeSet("host-400", tuple(_many_tiny(400)), "400 tiny weights: per-step host cost"),
 ]}
 
 # (shape set, dtype) pairs run by default.  GPU: every real set in fp32 and bf16, except that
 # the 128k x 4096 embedding (2 GB in fp32 plus grad and backups) runs in bf16 only.
 GPU_DEFAULT: list[tuple[str, torch.dtype]] = [
     (s, d) for s in ("bert-base", "bert-large", "deberta-v3-large", "emb-128k-1024")
-    for d in (torch.float32, torch.bfloat16)] + [("emb-128k-4096", torch.bfloat16)]
-# CPU (2 cores in CI): the tiny BERT of the CPU target and the demo's model; the whole default
-# matrix must finish in < 3 minutes.
+    for d in (torch.float32, torch.bfloat16)] + [("emb-128k-4096", torch.bfloat16), ("host-400", torch.bfloat16)]
+# CPU (2 cores in CI): the tiny BERT of the CPU target, the demo's model and the host row; the
+# whole default matrix must finish in < 3 minutes.
 CPU_DEFAULT: list[tuple[str, torch.dtype]] = [
-    ("bert-mini", torch.float32), ("bert-mini", torch.bfloat16), ("minilm-l6", torch.float32)]
+    ("bert-mini", torch.float32), ("bert-mini", torch.bfloat16), ("minilm-l6", torch.float32),
+    ("host-400", torch.float32)]
 SMOKE: list[tuple[str, torch.dtype]] = [("toy", torch.float32), ("toy", torch.bfloat16)]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
