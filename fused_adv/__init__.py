@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 from fused_adv import ops  # noqa: E402
 from fused_adv import sift  # noqa: E402  (DeBERTa's SiFT API: hook_sift_layer, AdversarialLearner)
 from fused_adv.methods import (AWP, FGM, FGSM, MIFGSM, PGD, SMART, YOPO, AdvWeightPerturb,  # noqa: E402
-                               AttackStateError, FreeAT, FreeLB, SAM)
+                               AttackStateError, FreeAT, FreeLB, NoGradientError, SAM)
 from fused_adv.ops import BackendUnavailableError  # noqa: E402
 from fused_adv.sift import AdversarialLearner, hook_sift_layer  # noqa: E402
 
 __all__ = ["FGM", "FGSM", "MIFGSM", "PGD", "AWP", "AdvWeightPerturb", "FreeLB", "SMART", "FreeAT", "YOPO", "SAM",
            "hook_sift_layer",
            "AdversarialLearner", "sift",
-           "AttackStateError", "BackendUnavailableError", "ops", "__version__"]
+           "AttackStateError", "NoGradientError", "BackendUnavailableError", "ops", "__version__"]

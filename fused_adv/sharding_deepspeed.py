@@ -32,8 +32,10 @@ Per stage (what ``engine.backward`` leaves behind, measured with DeepSpeed 0.19.
   statistics are sums over ``param.ds_process_group``: one all_reduce per phase for all
   partitioned parameters (the reduction plan of :class:`fused_adv.sharding.Localized`).
   Persistent parameters (``ds_persist``: smaller than ``stage3_param_persistence_threshold``,
-  1e5 elements by default) stay gathered in ``param.data`` and are used from there: they are
-  treated as at ZeRO-1/2 (replicated, gradient rebuilt by the one flat all_reduce).
+  1e5 elements by default) stay gathered in ``param.data`` once gathered, until the optimizer
+  step re-gathers them, and forwards use that copy: they are treated as at ZeRO-1/2
+  (replicated, gradient rebuilt by the one flat all_reduce); those not gathered at attack time
+  are gathered first (one all-gather for all of them).
 
 Two ``engine.backward`` calls before one ``engine.step`` (gradient_accumulation_steps=1, so
 every backward is an accumulation boundary): ZeRO-0 and ZeRO-3 ADD the second gradient to the
@@ -71,7 +73,11 @@ def is_engine(obj) -> bool:
 
 def _zero_optimizer_of(model: nn.Module):
     """The ZeRO optimizer that owns ``model``'s parameters (found from the attributes DeepSpeed
-    puts on them), or None for a model DeepSpeed does not partition."""
+    puts on them), or None.  ZeRO-3 parameters carry ``_z3_optimizer``.  ZeRO-1/2 parameters
+    carry only ``_hp_mapping`` (the fragment this rank owns, None elsewhere; its
+    ``gradient_dict`` IS the optimizer's ``averaged_gradients``) and ``_dp_group``: then a
+    :class:`_Zero12View` of them stands in for the optimizer."""
+    mapped = None
     for p in model.parameters():
         opt = getattr(p, "_z3_optimizer", None)
         if opt is not None:
@@ -79,12 +85,27 @@ def _zero_optimizer_of(model: nn.Module):
         opt = getattr(p, "_zero_optimizer", None)
         if opt is not None:
             return opt
-    return None
+        if mapped is None and getattr(p, "_hp_mapping", None) is not None:
+            mapped = p._hp_mapping
+    if mapped is None and any(hasattr(p, "_hp_mapping") for p in model.parameters()):
+        raise ShardingError("fused_adv: the model is inside a DeepSpeed ZeRO-1/2 engine but this rank's "
+                            "partition holds none of its parameters; build the method with the engine")
+    return None if mapped is None else _Zero12View(mapped)
+
+
+class _Zero12View:
+    """What the methods need of a ZeRO-1/2 optimizer when only ``engine.module`` was given."""
+
+    def __init__(self, mapping):
+        self.averaged_gradients = mapping.gradient_dict
+        self.cpu_offload = bool(mapping.use_offload)
+        self.partition_gradients = None  # unknown: ZeRO-1 and ZeRO-2 behave alike here
 
 
 def find_engine_optimizer(model):
     """(module, zero_optimizer or None, stage): ``model`` is a DeepSpeedEngine or a module that
-    one wraps (``engine.module``), or any other module (stage None)."""
+    one wraps (``engine.module``), or any other module (stage None).  Given the module at
+    ZeRO-1/2, the stage is reported as 2 (ZeRO-1 and ZeRO-2 behave alike for the methods)."""
     if is_engine(model):
         stage = int(model.zero_optimization_stage())
         opt = model.optimizer if stage > 0 else None
@@ -97,7 +118,8 @@ def find_engine_optimizer(model):
                 "attached to them (deepspeed.zero.Init without deepspeed.initialize?): the gradients cannot "
                 "be found. Build the method after deepspeed.initialize(model=..., optimizer=...).")
         return model, None, None
-    stage = 3 if any(hasattr(p, "ds_id") for p in model.parameters()) else (2 if opt.partition_gradients else 1)
+    stage = 3 if any(hasattr(p, "ds_id") for p in model.parameters()) else (1 if opt.partition_gradients is False
+                                                                           else 2)
     return model, opt, stage
 
 
@@ -107,9 +129,10 @@ class GradStore:
     adversarial" and PGD's "clean + last adversarial" hold whether the engine adds a second
     backward to the first (ZeRO-0/3) or replaces it (ZeRO-1/2).
 
-    ``take()`` returns a copy of the current gradients and zeroes the engine's (this rank's
-    partition, fp32 at fp32 training: 1/world of the model); ``add(saved)`` adds them back in
-    place.  At ZeRO-0 the gradients are ``param.grad``: ``take`` moves them aside without a copy."""
+    ``copy()`` returns a copy of the current gradients (this rank's partition: 1/world of the
+    model's gradients), ``zero()`` zeroes the engine's, ``add(saved)`` adds a copy back in place.
+    ZeRO-1/2/3 only (at ZeRO-0 the gradients are ``param.grad`` and the methods' plain path
+    applies)."""
 
     def __init__(self, layout: "DeepSpeedLayout"):
         self.layout = layout
@@ -119,54 +142,32 @@ class GradStore:
         if lay.stage == 3:
             return [lay.optimizer.grad_partitions_flat_buffer]
         if lay.stage in (1, 2):
-            out = []
+            out = []  # the partitions DeepSpeed's optimizer steps with (and get_lp_grad_fragment reads)
             for i in sorted(lay.optimizer.averaged_gradients):
                 out.extend(t for t in (lay.optimizer.averaged_gradients[i] or ()) if t is not None)
             return out
-        raise AssertionError("GradStore at ZeRO-0 goes through param.grad")
+        raise ShardingError("fused_adv: GradStore is for ZeRO-1/2/3; at ZeRO-0 the gradients are param.grad")
 
     @torch.no_grad()
-    def take(self):
-        """Sets the engine's current gradients aside and zeroes them; returns what :meth:`add`
-        takes.  Raises ShardingError when the engine holds no gradients."""
-        lay = self.layout
-        lay.require_grads()
-        if lay.stage == 0:
-            saved = [(p, p.grad) for p in lay.module.parameters() if p.requires_grad and p.grad is not None]
-            for p, _ in saved:
-                p.grad = None
-            return saved
-        bufs = self._buffers()
-        saved = [b.clone() for b in bufs]
-        for b in bufs:
-            b.zero_()
-        return saved
+    def copy(self):
+        """A copy of the engine's current gradients (what :meth:`add` takes); the engine's are left
+        as they are.  Raises ShardingError when the engine holds no gradients."""
+        self.layout.require_grads()
+        return [b.clone() for b in self._buffers()]
 
     @torch.no_grad()
     def zero(self) -> None:
-        """Zeroes the engine's current gradients (ZeRO-1/2/3 buffers; ZeRO-0: ``param.grad = None``)."""
-        lay = self.layout
-        if lay.stage == 0:
-            for p in lay.module.parameters():
-                p.grad = None
-            return
-        if lay.has_grads():
+        """Zeroes the engine's current gradients (nothing to do when it holds none)."""
+        if self.layout.has_grads():
             for b in self._buffers():
                 b.zero_()
 
     @torch.no_grad()
     def add(self, saved) -> None:
-        """Adds gradients set aside by :meth:`take` to the engine's current ones, in place.
-        Raises ShardingError when the engine holds no gradients now (an engine.step in between)."""
-        lay = self.layout
-        if lay.stage == 0:
-            for p, g in saved:
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-            return
-        lay.require_grads()
+        """Adds gradients from :meth:`copy` to the engine's current ones, in place.  Raises
+        ShardingError when the engine holds no gradients now (an engine.step in between) or
+        its gradient partitions changed layout."""
+        self.layout.require_grads()
         bufs = self._buffers()
         if len(bufs) != len(saved) or any(b.shape != s.shape for b, s in zip(bufs, saved)):
             raise ShardingError("fused_adv: the DeepSpeed engine's gradient partitions changed layout between "
@@ -203,11 +204,6 @@ class DeepSpeedLayout:
                     "partitions and gradients live in host/NVMe buffers that the engine swaps, so an in-place "
                     "perturbation is not guaranteed to reach the next forward. Without offload, ZeRO-1, 2 and 3 "
                     "are supported; or drop offload_param/offload_optimizer from the config.")
-        self._group_of: dict[int, int] = {}
-        if stage in (1, 2):
-            for gi, group in enumerate(opt.bit16_groups):
-                for p in group:
-                    self._group_of[id(p)] = gi
         self._plan_key = None
         self._plan = None
 
@@ -231,10 +227,12 @@ class DeepSpeedLayout:
                    "ZeRO-3)" if self.stage in (1, 2) else "") + ".")
 
     # -- the local view --------------------------------------------------------------------------
-    def localize(self, params: Sequence[nn.Parameter], *, names: Sequence[str] | None = None,
+    def localize(self, params: Sequence[nn.Parameter], grads=None, *, names: Sequence[str] | None = None,
                  grad_dtype_as_param: bool = True) -> Localized:
         """The :class:`fused_adv.sharding.Localized` view of ``params`` (the same list, in the same
-        order, on every rank) with their gradients taken from where the engine keeps them.
+        order, on every rank) with their gradients taken from where the engine keeps them
+        (``grads`` is accepted for the interface of :meth:`fused_adv.sharding.ShardingLayout.
+        localize` and ignored at ZeRO-1/2/3).
 
         ZeRO-0: the parameters and ``param.grad``.  ZeRO-1/2 and ZeRO-3 persistent parameters:
         the whole parameters (replicated) and their full averaged gradients rebuilt by ONE
@@ -245,8 +243,11 @@ class DeepSpeedLayout:
         parameter's (bf16 weights, fp32 accumulation) are converted (a copy) when
         ``grad_dtype_as_param``.  Every rank must call it (it may issue a collective).
 
+        At ZeRO-3 it first settles the parameters' state (:meth:`_settle`: persistent ones
+        gathered, others partitioned).
+
         Raises ShardingError when the engine holds no gradients (before backward, after step),
-        for a ZeRO-3 parameter caught gathered that is not persistent (inside forward)."""
+        for a ZeRO-3 parameter in use by a module (inside forward / GatheredParameters)."""
         self.require_grads()
         params = list(params)
         if self.stage == 0:
@@ -259,19 +260,16 @@ class DeepSpeedLayout:
         grads: list[Tensor | None] = [None] * n
         slot_groups: list[tuple] = [()] * n
         replicated = []  # (index, param, [(lp_start, fragment grad)])
+        if self.stage == 3:
+            self._settle(params, names)
         for i, p in enumerate(params):
             label = names[i] if names is not None else f"params[{i}]"
             if self.stage == 3:
                 if not hasattr(p, "ds_id"):
                     raise ShardingError(f"fused_adv: {label} is not managed by the ZeRO-3 engine (no ds_id)")
-                if getattr(p, "ds_persist", False):
+                if p.data.numel() != 0:  # gathered and persistent (see _settle): forwards use p.data
                     replicated.append((i, p, self._z3_fragment(p)))
                     continue
-                if p.data.numel() != 0:
-                    raise ShardingError(
-                        f"fused_adv: ZeRO-3 parameter {label} is gathered right now (status {p.ds_status}) and "
-                        "is not persistent: a write to it would be dropped at its release. Attack after "
-                        "engine.backward(loss) and outside forward / deepspeed.zero.GatheredParameters.")
                 valid = self._z3_valid(p)
                 locals_[i] = p.ds_tensor.detach().narrow(0, 0, valid)
                 if valid > 0:
@@ -298,14 +296,60 @@ class DeepSpeedLayout:
         return Localized(locals=locals_, live=live, params=[locals_[i] for i in live],
                          grads=[grads[i] for i in live], plan=plan)
 
+    def pieces(self, params: Sequence[nn.Parameter]) -> list[Tensor]:
+        """What :meth:`localize` gave as ``locals`` for ``params``, read again now (restore writes the
+        backups into these): ZeRO-3 partitioned parameters: the real part of ``ds_tensor``;
+        gathered persistent ones and ZeRO-1/2 parameters: the whole weight.  No collective.
+        Raises ShardingError for a ZeRO-3 parameter in use by a module right now."""
+        if self.stage != 3:
+            return [p.detach() for p in params]
+        # A forward under torch.no_grad between attack and restore leaves the partitioned weights
+        # gathered, holding the perturbed values: release them (no collective) so that restore
+        # writes the partitions and the next forward gathers the restored values.
+        self._settle(params, None, gather=False)
+        return [p.detach() if p.data.numel() != 0 else p.ds_tensor.detach().narrow(0, 0, self._z3_valid(p))
+                for p in params]
+
+    @staticmethod
+    def _settle(params, names, gather: bool = True) -> None:
+        """Brings the ZeRO-3 parameters among ``params`` into the state the attack works on, with at
+        most one collective:
+
+        * persistent parameters not gathered now (the last forward did not reach them, or they
+          were released) are gathered (one all-gather for all of them).  A persistent parameter
+          stays gathered until the optimizer step re-gathers it and forwards use that copy, so
+          perturbing and restoring the gathered copy is what every later forward sees and
+          ``ds_tensor`` is never touched; left partitioned, a forward between attack and restore
+          would gather the perturbed partition into a copy that restore does not reach;
+        * other parameters left gathered outside any forward (a forward under ``torch.no_grad``
+          does not release them) are released: their gathered copy equals the partitions, and a
+          write to it would be lost at the release.  One still in use by a module (inside
+          forward / ``GatheredParameters``) or in flight is refused with ShardingError."""
+        todo = [p for p in params if getattr(p, "ds_persist", False) and p.data.numel() == 0]
+        if todo and gather:
+            todo[0].all_gather(param_list=todo)
+        stale = []
+        for i, p in enumerate(params):
+            if getattr(p, "ds_persist", False) or p.data.numel() == 0:
+                continue
+            if p.ds_active_sub_modules or str(p.ds_status).endswith("INFLIGHT"):
+                label = names[i] if names is not None else f"params[{i}]"
+                raise ShardingError(
+                    f"fused_adv: ZeRO-3 parameter {label} is gathered and in use right now (status {p.ds_status}): "
+                    "a write to it would be dropped at its release. Attack after engine.backward(loss), outside "
+                    "forward and outside deepspeed.zero.GatheredParameters.")
+            stale.append(p)
+        if stale:
+            stale[0].partition(param_list=stale)
+
     # -- ZeRO-1/2 ------------------------------------------------------------------------------
     def _z12_fragment(self, p) -> list[tuple[int, Tensor]]:
         """[(start in the flattened parameter, this rank's gradient fragment)] (empty when this
         rank's partition misses p)."""
-        mapping = getattr(p, "_hp_mapping", None)
-        if id(p) not in self._group_of:
+        if not hasattr(p, "_hp_mapping"):
             raise ShardingError(f"fused_adv: a parameter of shape {tuple(p.shape)} is not in the ZeRO-{self.stage} "
                                 "optimizer's parameter groups (frozen when the engine was built?)")
+        mapping = p._hp_mapping
         if mapping is None:
             return []
         addr = mapping.lp_fragment_address

@@ -1,5 +1,5 @@
 """The fused drop-in classes (same constructors, methods and numbers as fused_adv.reference)."""
-from fused_adv.methods._common import AttackStateError
+from fused_adv.methods._common import AttackStateError, NoGradientError
 from fused_adv.methods.awp import AWP
 from fused_adv.methods.awp_paper import AdvWeightPerturb
 from fused_adv.methods.fgm import FGM, FGSM
@@ -12,4 +12,4 @@ from fused_adv.methods.smart import SMART
 from fused_adv.methods.yopo import YOPO
 
 __all__ = ["FGM", "FGSM", "PGD", "AWP", "FreeLB", "SMART", "MIFGSM", "AdvWeightPerturb", "FreeAT", "YOPO", "SAM",
-           "AttackStateError"]
+           "AttackStateError", "NoGradientError"]

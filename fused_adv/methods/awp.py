@@ -17,7 +17,8 @@ from torch import nn
 from fused_adv import ops
 from fused_adv._shared import awp_adversarial_pass
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       select_by_name)
+                                       no_gradient_error, select_by_name)
+from fused_adv.sharding_deepspeed import is_engine
 
 
 class AWP(Perturbation):
@@ -28,7 +29,8 @@ class AWP(Perturbation):
     ``model(input_ids=x, attention_mask=attention_mask, labels=y)``) or
     ``attack_backward(closure=fn, epoch=epoch, backward=None)`` where ``fn()`` returns the
     adversarial loss and ``backward(loss)`` replaces the default backward (``scaler.scale(loss)
-    .backward()`` or ``loss.backward()``).  For each of ``adv_step`` steps it perturbs every
+    .backward()``, ``engine.backward(loss)`` when ``model`` is a DeepSpeed engine, or
+    ``loss.backward()``).  For each of ``adv_step`` steps it perturbs every
     trainable parameter whose name contains ``adv_param`` and has a gradient, runs the
     adversarial forward (under CUDA autocast when CUDA is available, like the Kaggle class; set
     ``autocast=False/True`` to choose), zeroes the gradients (the clean gradient is DISCARDED,
@@ -78,6 +80,8 @@ class AWP(Perturbation):
             return None
         if closure is None and x is None:
             raise TypeError("AWP.attack_backward needs (x, y, attention_mask, epoch) or closure=")
+        if backward is None and self.scaler is None and is_engine(self.model):
+            backward = self.model.backward  # DeepSpeed: its backward reduces and partitions the gradients
         adv_loss = None
         try:
             for step in range(self.adv_step):
@@ -119,6 +123,8 @@ class AWP(Perturbation):
             grads = [p.grad if id(p) in saved else None for p in self._slots]
         loc = self._localize(self._slots, grads)
         if first:
+            if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
+                raise no_gradient_error("AWP", "adv_param", self.adv_param)
             chosen = [self._slots[i] for i in loc.live]
             self._attacked = list(zip(chosen, self._pool.get(chosen, like=loc.params)))
         if not (loc.live or loc.sharded):

@@ -12,7 +12,7 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       select_by_name)
+                                       no_gradient_error, select_by_name)
 
 
 class FGM(Perturbation):
@@ -39,6 +39,7 @@ class FGM(Perturbation):
         self.restore_mode = check_restore_mode(restore_mode)
         self._pool = BackupPool()
         self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
+        self._clean = None  # DeepSpeed ZeRO-1/2: the clean gradients, added back at restore()
 
     def _perturb(self, loc, backups, epsilon: float) -> None:
         sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads, backend=self.backend))
@@ -63,9 +64,12 @@ class FGM(Perturbation):
                                    "call restore() after the adversarial backward")
         epsilon = self.epsilon if epsilon is None else epsilon
         self._sharding()
-        named = select_by_name(self.model, self.emb_name if emb_name is None else emb_name, what="emb_name")
+        pattern = self.emb_name if emb_name is None else emb_name
+        named = select_by_name(self.model, pattern, what="emb_name")
         chosen = [p for _, p in named]
         loc = self._localize(chosen, [p.grad for p in chosen], [n for n, _ in named])
+        if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
+            raise no_gradient_error(type(self).__name__, "emb_name", pattern)
         backups = self._pool.get(chosen, like=loc.locals)
         live = set(loc.live)
         # Parameters without a grad are backed up (restore is uniform) but not moved.
@@ -75,6 +79,24 @@ class FGM(Perturbation):
         if loc.live or loc.sharded:  # every rank joins the collectives, also with nothing local
             self._perturb(loc, [backups[i] for i in loc.live], epsilon)
         self._attacked = list(zip(chosen, backups))
+        ds = self._deepspeed()
+        if ds is not None and not ds.accumulates:
+            # ZeRO-1/2: the adversarial engine.backward REPLACES the gradients; keep the clean ones
+            # and add them back at restore() (FGM trains on clean + adversarial).
+            self._clean = ds.store.copy()
+            ds.store.zero()
+
+    @torch.no_grad()
+    def restore(self, *_args, **_kwargs) -> None:
+        """Puts the backed-up weights back bit for bit (:meth:`Perturbation.restore`).  Under
+        DeepSpeed ZeRO-1/2, whose ``engine.backward`` replaces the gradients instead of adding to
+        them, it also adds the clean gradients set aside by :meth:`attack` to the adversarial
+        ones (clean + adversarial, as everywhere else).  Raises AttackStateError when nothing is
+        attacked."""
+        super().restore()
+        if self._clean is not None:
+            clean, self._clean = self._clean, None
+            self._deepspeed().store.add(clean)
 
 
 class FGSM(FGM):

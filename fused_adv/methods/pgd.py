@@ -12,7 +12,7 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       params_with_grad, select_by_name)
+                                       no_gradient_error, params_with_grad, select_by_name)
 
 
 class PGD(Perturbation):
@@ -49,6 +49,8 @@ class PGD(Perturbation):
         self._pool = BackupPool()
         self._attacked: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (param, backup)
         self._grads_aside: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._clean = None         # DeepSpeed ZeRO-1/2/3: copy of the clean gradients (backup_grad)
+        self._clean_due = False    # restore_grad() was called: restore() adds them back
 
     def _grad(self, p: nn.Parameter):
         if p.grad is not None:
@@ -76,7 +78,8 @@ class PGD(Perturbation):
         epsilon = self.epsilon if epsilon is None else epsilon
         alpha = self.alpha if alpha is None else alpha
         self._sharding()
-        named = select_by_name(self.model, self.emb_name if emb_name is None else emb_name, what="emb_name")
+        pattern = self.emb_name if emb_name is None else emb_name
+        named = select_by_name(self.model, pattern, what="emb_name")
         chosen = [p for _, p in named]
         grads = [self._grad(p) for p in chosen]
         loc = self._localize(chosen, grads, [n for n, _ in named])
@@ -94,6 +97,8 @@ class PGD(Perturbation):
                 raise AttackStateError("PGD.attack(): emb_name selects parameters that the first attack "
                                        "did not back up; use the same emb_name for every step")
         live = set(loc.live)
+        if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
+            raise no_gradient_error("PGD", "emb_name", pattern)
         if is_first_attack:
             for i, piece in enumerate(loc.locals):
                 if i not in live:
@@ -104,12 +109,36 @@ class PGD(Perturbation):
             ops.pgd_perturb_(loc.params, loc.grads, B, stats, alpha, epsilon, is_first_attack, backend=self.backend)
         if is_first_attack:
             self._attacked = list(zip(chosen, backups))
+        ds = self._deepspeed()
+        if ds is not None and self._clean is not None:
+            # These gradients are used: empty ZeRO's buffers so that the next engine.backward starts
+            # from zero, whether it adds to them (ZeRO-3) or replaces them (ZeRO-1/2);
+            # engine.zero_grad() does not reach them.
+            ds.store.zero()
+
+    @torch.no_grad()
+    def restore(self, *_args, **_kwargs) -> None:
+        """Puts the backed-up weights back bit for bit (:meth:`Perturbation.restore`).  Under
+        DeepSpeed ZeRO-1/2/3, after :meth:`restore_grad`, it also adds the clean gradients copied by
+        :meth:`backup_grad` to the last adversarial ones (clean + last adversarial).  Raises
+        AttackStateError when nothing is attacked."""
+        super().restore()
+        if self._clean is not None and self._clean_due:
+            clean, self._clean, self._clean_due = self._clean, None, False
+            self._deepspeed().store.add(clean)
 
     def backup_grad(self) -> None:
         """Sets the clean gradients aside without copying them: every trainable parameter that has
         a ``.grad`` (:func:`fused_adv.methods._common.params_with_grad`) keeps a reference to it
         here and its ``.grad`` becomes None (so the next backward starts from zero).  An earlier
-        set-aside that was not handed back is replaced.  Raises nothing."""
+        set-aside that was not handed back is replaced.  Under DeepSpeed ZeRO-1/2/3 (the engine owns
+        the gradients; ``.grad`` is None) it copies this rank's gradient partitions instead, and
+        each following :meth:`attack` empties the engine's after reading them.  Raises
+        ShardingError (a ValueError) when a ZeRO engine holds no gradients, else nothing."""
+        ds = self._deepspeed()
+        if ds is not None:  # ZeRO owns the gradients: copy this rank's partitions
+            self._clean, self._clean_due = ds.store.copy(), False
+            return
         self._grads_aside = [(p, p.grad) for p in params_with_grad(self.model)]
         for p, _ in self._grads_aside:
             p.grad = None
@@ -117,7 +146,12 @@ class PGD(Perturbation):
     def restore_grad(self) -> None:
         """Hands every set-aside clean gradient back as ``.grad`` (replacing whatever ``.grad`` holds
         now; the next backward adds to it) and forgets them.  Without a prior
-        :meth:`backup_grad` it does nothing.  Raises nothing."""
+        :meth:`backup_grad` it does nothing.  Under DeepSpeed ZeRO-1/2/3 the clean gradients are
+        added to the engine's at :meth:`restore`, after the last adversarial backward (a ZeRO-1/2
+        backward replaces the gradients).  Raises nothing."""
+        if self._clean is not None:  # DeepSpeed ZeRO: a ZeRO-1/2 backward would replace them, so they
+            self._clean_due = True   # are added to the engine's at restore() instead
+            return
         for p, g in self._grads_aside:
             p.grad = g
         self._grads_aside = []

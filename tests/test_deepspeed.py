@@ -1,0 +1,76 @@
+"""The weight-space methods under DeepSpeed ZeRO stages 0-3: 2 CPU processes (gloo), a tiny
+BERT, each rank 4 of the 8 examples (docs/methods.md §12 (Sharded training)).
+
+The scenarios live in tests/deepspeed_worker.py and run in ONE 2-process launch per test
+session; each test below asserts one scenario's result on both ranks.  What they check:
+
+* z{0,1,2,3}_{fgm,fgsm,pgd,awp}: the fused class given the engine (``FGM(engine)``,
+  ``PGD(engine)``, ``AWP(engine, engine.optimizer)``) in the plain engine loop matches the
+  reference class on an unsharded single-process model on the global batch after 3 steps
+  (every parameter, fp32, 1e-5 relative).  ZeRO-3 runs with a persistence threshold that
+  leaves some parameters gathered (replicated path) and partitions the others.
+* z{s}_two_backwards: pins what two engine.backward calls before one engine.step do: ZeRO-0/3
+  add the gradients, ZeRO-1/2 replace the first by the second.
+* z{s}_restore_exact: an attack moves exactly the chosen weights as the next forward sees them
+  (gathered at ZeRO-3), on every rank; restore is bit-exact.
+* z{s}_no_grad_error: an attack before engine.backward raises ValueError naming the causes.
+* z{2,3}_engine_module: ``FGM(engine.module)`` works as ``FGM(engine)``.
+* z3_offload_refused: ZeRO-Offload is refused with an error naming the stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("deepspeed")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import deepspeed_worker  # noqa: E402  (tests/ is on sys.path via conftest)
+
+LAUNCH_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{rank: {scenario: "ok" | traceback}} from one 2-process launch of every scenario."""
+    import torch.multiprocessing as mp
+    out = tmp_path_factory.mktemp("deepspeed")
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
+    try:
+        ctx = mp.start_processes(deepspeed_worker.main,
+                                 args=(2, _free_port(), str(out), list(deepspeed_worker.SCENARIOS)),
+                                 nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"2-rank DeepSpeed scenarios did not finish within {LAUNCH_TIMEOUT_S} s")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+@pytest.mark.parametrize("scenario", list(deepspeed_worker.SCENARIOS))
+def test_scenario(results, scenario):
+    for rank in (0, 1):
+        got = results[rank].get(scenario, "did not run")
+        assert got == "ok", f"rank {rank}, scenario {scenario}:\n{got}"
