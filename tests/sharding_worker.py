@@ -642,3 +642,17 @@ SCENARIOS["methods_fsdp1"] = lambda r, w: scenario_methods(r, w, fsdp1=True)
 EXT = ("mifgsm", "sam", "awp_paper")
 SCENARIOS["methods_ext_fsdp2"] = lambda r, w: scenario_methods(r, w, names=EXT)
 SCENARIOS["methods_ext_fsdp1"] = lambda r, w: scenario_methods(r, w, fsdp1=True, names=EXT)
+
+
+def scenario_hf(rank, world, fsdp1=False):
+    """tests/sharding_hf.py: the HF Trainer mixin on a hand-sharded tiny BERT vs unsharded."""
+    import sharding_hf
+    chk = Checks()
+    methods = ("fgm", "awp") if fsdp1 else ("fgm", "pgd", "freelb", "smart")
+    sharding_hf.run_hf(chk, rank, methods, fsdp1)
+    sharding_hf.refused_hf(chk, fsdp1)
+    chk.raise_if_any()
+
+
+SCENARIOS["hf_fsdp2"] = scenario_hf
+SCENARIOS["hf_fsdp1"] = lambda r, w: scenario_hf(r, w, fsdp1=True)

@@ -70,7 +70,7 @@ def resolve_input_embedding(model: nn.Module, unwrapped: nn.Module, emb_name: st
         tied = [n for n, p in all_named
                 if (p is t and n not in own)
                 or (p is not t and p.shape == t.shape and p.device == t.device and p.device.type != "meta"
-                    and p.data_ptr() == t.data_ptr())]
+                    and p.numel() > 0 and p.data_ptr() == t.data_ptr())]   # FSDP1: empty pieces share addresses
         if tied and tied_embeddings != "shared":
             raise ValueError(
                 f"The embedding weight {own} is tied to {tied} (tie_word_embeddings): {method.upper()} "

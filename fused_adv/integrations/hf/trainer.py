@@ -100,7 +100,17 @@ class AdversarialTrainerMixin:
             reasons.append("DeepSpeed (ZeRO partitions the weights, and accelerate's DeepSpeed backward also "
                            "steps the optimizer, which would happen between the clean and adversarial passes)")
         if getattr(self, "is_fsdp_enabled", False):
-            reasons.append("FSDP (sharded/flattened parameters: the embedding and weights are not whole tensors)")
+            plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "fsdp_plugin", None)
+            if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
+                reasons.append("FSDP1 with use_orig_params=False (the weights are flattened into _flat_param "
+                               "tensors): set fsdp_config={'use_orig_params': True} (accelerate: "
+                               "fsdp_use_orig_params: true) or use FSDP2 (fsdp_version: 2)")
+        method = self.__dict__.get("_adv_cfg")
+        method = getattr(method, "method", None)
+        if method in ("sift", "yopo") and _sharded(self.model):
+            reasons.append(f"adversarial={method!r} on sharded parameters (FSDP1/FSDP2): not supported yet "
+                           "(docs/hf.md, \"Sharded training\"); fgm, fgsm, pgd, awp, mifgsm, awp_paper, sam, smart "
+                           "and freelb are")
         try:
             from transformers.utils import is_sagemaker_mp_enabled
             if is_sagemaker_mp_enabled():
@@ -143,6 +153,12 @@ class AdversarialTrainerMixin:
             if value is not None:
                 logs["adv_loss"] = value
         return super().log(logs, *args, **kwargs)
+
+
+def _sharded(model) -> bool:
+    """True when some parameter is sharded (an FSDP2/TP DTensor or an FSDP1 original parameter)."""
+    from fused_adv.sharding import ShardingLayout
+    return model is not None and any(ShardingLayout.maybe_sharded(p) for p in model.parameters())
 
 
 @functools.lru_cache(maxsize=None)

@@ -62,11 +62,13 @@ def check_at_least_one(kwargs: dict, name: str) -> None:
 
 
 def set_aside(params) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Move the existing ``.grad`` of ``params`` aside (no copy); ``.grad`` becomes None."""
+    """Move the existing ``.grad`` of ``params`` aside (no copy; a copy for FSDP1 parameters, whose
+    ``.grad`` is a view that FSDP1 zeroes in place once it is None); ``.grad`` becomes None."""
     stash = []
     for p in params:
         if p.grad is not None:
-            stash.append((p, p.grad))
+            fsdp1 = getattr(p, "_fsdp_flattened", False) and type(p.grad) is torch.Tensor
+            stash.append((p, p.grad.clone() if fsdp1 else p.grad))
             p.grad = None
     return stash
 

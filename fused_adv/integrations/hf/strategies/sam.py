@@ -54,7 +54,7 @@ class SAMStrategy(Strategy):
         kw = cfg.method_kwargs
         self.attacker = fused_adv.SAM.from_optimizer(optimizer, rho=kw.get("rho", self.default_rho),
                                                      adaptive=kw.get("adaptive", self.default_adaptive),
-                                                     backend=cfg.backend)
+                                                     backend=cfg.backend, model=model)
         self.param_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
 
     def step(self, passes):
