@@ -39,21 +39,22 @@ EMB = "word_embeddings"
 Z3_PERSIST = 300
 
 
-def ds_config(stage: int, **zero) -> dict:
+def ds_config(stage: int, top: dict | None = None, **zero) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage, **zero}, "zero_allow_untested_optimizer": True,
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
            "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default; the unsharded run does not clip
     if stage == 3:
         cfg["zero_optimization"].setdefault("stage3_param_persistence_threshold", Z3_PERSIST)
+    cfg.update(top or {})
     return cfg
 
 
-def make_engine(stage: int, **zero):
+def make_engine(stage: int, top: dict | None = None, **zero):
     import deepspeed
     model = tiny_bert_cls(num_labels=3, vocab=64, hidden=16)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, **zero))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, top, **zero))
     return engine
 
 
@@ -364,7 +365,8 @@ def scenario_no_grad_error(stage: int):
 def scenario_offload_refused(rank, world):
     import fused_adv
     from fused_adv.sharding import ShardingError
-    engine = make_engine(3, offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
+    engine = make_engine(3, {"zero_force_ds_cpu_optimizer": False},
+                         offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
     try:
         fused_adv.FGM(engine, emb_name=EMB)
         engine.backward(loss_of(engine, local_batch(0, rank, world)))
