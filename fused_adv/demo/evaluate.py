@@ -12,7 +12,11 @@ embedding (padding is never perturbed):
 
 No random start, model in eval mode (no dropout): the attack is deterministic, so every run is
 scored against the same procedure.  The rows of all-MiniLM-L6-v2's word-embedding matrix have a
-median L2 norm of 1.11, so eps = 0.3 moves each token by about a quarter of its own length.
+median L2 norm of 1.11, so the default eps = 0.02 moves each token by about 2% of its own length.
+Measured on the plain run after 40 steps (clean 71.5%), 2 steps: eps 0.01 -> 65.2%, 0.02 -> 55.5%,
+0.05 -> 28.9%; 0.02 leaves room both ways.  The per-token budget is of the size the adversaries
+train with (FGM's epsilon 1.0 spread over a batch of ~460 tokens is ~0.05 per token; FreeLB's
+steps of 0.1 per sentence are ~0.02 per token).
 """
 from __future__ import annotations
 
@@ -34,36 +38,46 @@ def clean_accuracy(model, val_batches) -> float:
     return correct / max(total, 1)
 
 
+def embedding_attack(model, batch: dict, eps: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attack of the module docstring on one batch: returns (word-embedding output
+    ``base`` [B, L, E], perturbation ``delta`` [B, L, E], both detached); the attacked input is
+    ``inputs_embeds = base + delta``.  Every real token's ``delta`` has L2 norm <= ``eps``;
+    padding positions (``attention_mask`` 0) stay 0.  Runs the model as it is (call it in eval
+    mode); parameters get no gradient."""
+    emb = model.get_input_embeddings()
+    mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)
+    with torch.no_grad():
+        base = emb(batch["input_ids"])
+    delta = torch.zeros_like(base)
+    alpha = 2.5 * eps / steps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(inputs_embeds=base + delta, attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        g, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            g = g * mask
+            delta = delta.detach() + alpha * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            norm = delta.norm(dim=-1, keepdim=True)
+            delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0) * mask
+    return base, delta.detach()
+
+
 def attacked_accuracy(model, val_batches, eps: float, steps: int) -> float:
-    """Accuracy under the per-token L2 PGD attack on the word-embedding output (module
-    docstring).  ``eps`` = 0 or ``steps`` = 0 gives the clean accuracy.  The model's parameters
-    get no gradient (``torch.autograd.grad`` w.r.t. delta only); it is in eval mode during the
-    call and back in train mode after."""
+    """Accuracy under :func:`embedding_attack` (module docstring) over ``val_batches``.  ``eps``
+    = 0 or ``steps`` = 0 gives the clean accuracy.  The model is in eval mode during the call and
+    back in train mode after; its parameters get no gradient."""
     if eps <= 0 or steps <= 0:
         return clean_accuracy(model, val_batches)
     model.eval()
-    emb = model.get_input_embeddings()
-    alpha = 2.5 * eps / steps
     correct = total = 0
-    for b in val_batches:
-        mask = b["attention_mask"].unsqueeze(-1).to(torch.float32)
-        with torch.no_grad():
-            base = emb(b["input_ids"])
-        delta = torch.zeros_like(base)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(inputs_embeds=base + delta, attention_mask=b["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), b["labels"], reduction="sum")
-            g, = torch.autograd.grad(loss, delta)
+    try:
+        for b in val_batches:
+            base, delta = embedding_attack(model, b, eps, steps)
             with torch.no_grad():
-                g = g * mask
-                step = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                delta = delta.detach() + alpha * step
-                norm = delta.norm(dim=-1, keepdim=True)
-                delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0) * mask
-        with torch.no_grad():
-            logits = model(inputs_embeds=base + delta, attention_mask=b["attention_mask"]).logits
+                logits = model(inputs_embeds=base + delta, attention_mask=b["attention_mask"]).logits
             correct += (logits.argmax(-1) == b["labels"]).sum().item()
             total += b["labels"].numel()
-    model.train()
+    finally:
+        model.train()
     return correct / max(total, 1)

@@ -32,7 +32,7 @@ def table_rows(res: dict) -> list[dict]:
             "held": report.human_bytes(r["adversary_held_bytes"]) if r["adversary_held_bytes"] is not None else "-",
             "final_loss": f"{r['final_loss']:.4f}",
             "val_acc": _acc(r["val_acc"], r["val_acc_std"]),
-            "attacked_acc": _acc(r["attacked_acc"], r["attacked_acc_std"]),
+            "attacked_acc": "-" if r["attacked_acc"] is None else _acc(r["attacked_acc"], r["attacked_acc_std"]),
             "param_diff": f"{c['max_abs_param_diff']:.1e}" if c else "-",
         })
     return rows
@@ -54,11 +54,12 @@ def describe(res: dict) -> list[str]:
         f"examples per seed, grouped by length), max_len {m['max_len']}; {m['val_examples']} held-out validation "
         f"examples (the same for every seed); seeds {seeds}"
         + (" (accuracy columns: mean ± std over seeds)" if len(seeds) > 1 else ""),
-        f"- {o['name']} lr {o['lr']}, weight decay {o['weight_decay']}, {o['schedule']} ({o['warmup_steps']} warmup "
+        f"- {o['name']} lr {o['lr']} (head {o['head_lr']}), weight decay {o['weight_decay']}, {o['schedule']} ({o['warmup_steps']} warmup "
         f"steps), grad-norm clip {o['clip_grad_norm']}; fused backend {m['backend']} -> {m['resolved_backend']}",
         f"- methods: {settings}" if settings else "- methods: none (plain only)",
         f"- attacked acc: {a['kind']}, eps {a['eps']} per token, {a['steps']} steps of {a['alpha']:.3g}"
-        " (the same attack for every run)",
+        " (the same attack for every run; '-': a reference run, whose weights are its fused run's up to the "
+        "max Δparam column, is not attacked again unless --attack-reference)",
         f"- device: {m['device']}; torch {m['versions']['torch']}; {m['date']}; wall {m['wall_seconds']} s "
         f"(model load {m['model_load_seconds']} s); load average at start {m['load_average_start']}, "
         f"at the end {m['load_average']}",
@@ -118,19 +119,21 @@ def plot_demo(res: dict, path: str) -> None:
     ax = axes[0][0]
     x = list(range(len(names)))
     clean = [100 * runs[n]["val_acc"] for n in names]
-    att = [100 * runs[n]["attacked_acc"] for n in names]
+    att = [100 * (runs[n]["attacked_acc"] or 0) for n in names]
     ce = [100 * (runs[n]["val_acc_std"] or 0) for n in names]
     ae = [100 * (runs[n]["attacked_acc_std"] or 0) for n in names]
     ax.bar([i - 0.2 for i in x], clean, 0.4, yerr=ce, capsize=3, color=[_color(n) for n in names], label="clean")
     ax.bar([i + 0.2 for i in x], att, 0.4, yerr=ae, capsize=3, color=[_color(n) for n in names], alpha=0.45,
            hatch="//", label=f"attacked (eps {m['attack']['eps']}, {m['attack']['steps']} steps)")
-    for i, (c, a) in enumerate(zip(clean, att)):
+    for i, (n, c, a) in enumerate(zip(names, clean, att)):
         ax.annotate(f"{c:.1f}", (i - 0.2, c), ha="center", va="bottom", fontsize=7)
-        ax.annotate(f"{a:.1f}", (i + 0.2, a), ha="center", va="bottom", fontsize=7)
+        if runs[n]["attacked_acc"] is not None:
+            ax.annotate(f"{a:.1f}", (i + 0.2, a), ha="center", va="bottom", fontsize=7)
+    att_known = [a for n, a in zip(names, att) if runs[n]["attacked_acc"] is not None]
     ax.axhline(50, color="k", lw=0.8, ls=":", label="chance")
     ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("validation accuracy (%)")
-    lo = min(clean + att + [50])
+    lo = min(clean + att_known + [50])
     ax.set_ylim(max(0, lo - 10), 100)
     nseeds = len(m["seeds"])
     ax.set_title("clean vs attacked accuracy" + (f" (mean ± std, {nseeds} seeds)" if nseeds > 1 else ""))

@@ -9,7 +9,9 @@ all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned on short sentences:
   decay to 0, gradient norm clipped at 1.0: the Hugging Face fine-tuning recipe (Trainer
   defaults, ``get_linear_schedule_with_warmup``).  Peak lr 1e-4: the upper end of the usual
   2e-5..1e-4 range, because a 6-layer model and a budget of a few hundred steps want the high
-  end (measured: at 5e-5 without warmup 30 steps leave most runs near chance).
+  end (measured: at 5e-5 without warmup 30 steps leave most runs near chance); the new
+  classification head at lr 1e-3 (a separate "head lr", as Kaggle solutions set it), on the
+  mean-pooled token states (fused_adv/demo/data.py: the pooling all-MiniLM-L6-v2 was trained with).
 * FGM: epsilon 1.0 on ``word_embeddings`` (the community class's default, used as is in most
   Kaggle / CLUE solutions).
 * PGD: epsilon 1.0, alpha 0.3, K = 3 on ``word_embeddings`` (the community class's defaults).
@@ -217,11 +219,14 @@ def build(run: str, model, args) -> Trainer:
     be = {"backend": args.backend} if fused else {}
     warmup = max(1, round(args.warmup * args.steps))
     opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay)
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    groups = [{"params": body}, {"params": head, "lr": args.head_lr}]   # the new head learns faster
     if method == "sam":
         cls = fused_adv.SAM if fused else reference.SAM
-        optimizer = cls(model.parameters(), torch.optim.AdamW, rho=args.sam_rho, **be, **opt_kw)
+        optimizer = cls(groups, torch.optim.AdamW, rho=args.sam_rho, **be, **opt_kw)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), **opt_kw)
+        optimizer = torch.optim.AdamW(groups, **opt_kw)
     # SAM shares its param groups with the base optimizer, whose step() second_step calls: the
     # schedule is attached to the base optimizer (same learning rates, no "step order" warning)
     scheduled = optimizer.base_optimizer if method == "sam" else optimizer
