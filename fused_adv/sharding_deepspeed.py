@@ -32,10 +32,12 @@ Per stage (what ``engine.backward`` leaves behind, measured with DeepSpeed 0.19.
   statistics are sums over ``param.ds_process_group``: one all_reduce per phase for all
   partitioned parameters (the reduction plan of :class:`fused_adv.sharding.Localized`).
   Persistent parameters (``ds_persist``: smaller than ``stage3_param_persistence_threshold``,
-  1e5 elements by default) stay gathered in ``param.data`` once gathered, until the optimizer
+  1e5 elements by default) that are gathered at attack time stay gathered until the optimizer
   step re-gathers them, and forwards use that copy: they are treated as at ZeRO-1/2
-  (replicated, gradient rebuilt by the one flat all_reduce); those not gathered at attack time
-  are gathered first (one all-gather for all of them).
+  (replicated, gradient rebuilt by the one flat all_reduce).  Those not gathered (DeepSpeed
+  releases them at the end of backward) are partitioned like the others; a copy that a forward
+  gathers between attack and restore is released at restore so that the restored partitions
+  are what the next forward reads.
 
 Two ``engine.backward`` calls before one ``engine.step`` (gradient_accumulation_steps=1, so
 every backward is an accumulation boundary): ZeRO-0 and ZeRO-3 ADD the second gradient to the
@@ -206,6 +208,7 @@ class DeepSpeedLayout:
                     "are supported; or drop offload_param/offload_optimizer from the config.")
         self._plan_key = None
         self._plan = None
+        self._replicated_ids: set[int] = set()  # ZeRO-3: persistent parameters perturbed in their gathered copy
 
     # -- gradients present? --------------------------------------------------------------------
     def has_grads(self) -> bool:
@@ -243,8 +246,9 @@ class DeepSpeedLayout:
         parameter's (bf16 weights, fp32 accumulation) are converted (a copy) when
         ``grad_dtype_as_param``.  Every rank must call it (it may issue a collective).
 
-        At ZeRO-3 it first settles the parameters' state (:meth:`_settle`: persistent ones
-        gathered, others partitioned).
+        At ZeRO-3 the persistent parameters gathered now are taken whole (forwards use that copy);
+        every other gathered copy is released first (:meth:`_release_gathered`) and the partition
+        is used.
 
         Raises ShardingError when the engine holds no gradients (before backward, after step),
         for a ZeRO-3 parameter in use by a module (inside forward / GatheredParameters)."""
@@ -261,13 +265,17 @@ class DeepSpeedLayout:
         slot_groups: list[tuple] = [()] * n
         replicated = []  # (index, param, [(lp_start, fragment grad)])
         if self.stage == 3:
-            self._settle(params, names)
+            # Persistent parameters gathered now are used from that copy by the next forwards (until
+            # the optimizer step re-gathers them): perturb it.  Everything else works on partitions.
+            gathered = {id(p) for p in params if getattr(p, "ds_persist", False) and p.data.numel() != 0}
+            self._release_gathered(params, names, keep=gathered)
+            self._replicated_ids = gathered
         for i, p in enumerate(params):
             label = names[i] if names is not None else f"params[{i}]"
             if self.stage == 3:
                 if not hasattr(p, "ds_id"):
                     raise ShardingError(f"fused_adv: {label} is not managed by the ZeRO-3 engine (no ds_id)")
-                if p.data.numel() != 0:  # gathered and persistent (see _settle): forwards use p.data
+                if p.data.numel() != 0:  # persistent and gathered (kept above): forwards use p.data
                     replicated.append((i, p, self._z3_fragment(p)))
                     continue
                 valid = self._z3_valid(p)
@@ -303,34 +311,26 @@ class DeepSpeedLayout:
         Raises ShardingError for a ZeRO-3 parameter in use by a module right now."""
         if self.stage != 3:
             return [p.detach() for p in params]
-        # A forward under torch.no_grad between attack and restore leaves the partitioned weights
-        # gathered, holding the perturbed values: release them (no collective) so that restore
-        # writes the partitions and the next forward gathers the restored values.
-        self._settle(params, None, gather=False)
-        return [p.detach() if p.data.numel() != 0 else p.ds_tensor.detach().narrow(0, 0, self._z3_valid(p))
+        # A forward between attack and restore may have gathered weights that were perturbed in
+        # their partitions (a forward under torch.no_grad, or a persistent parameter, keeps them
+        # gathered): release those copies (no collective) so that restore writes the partitions
+        # and the next forward gathers the restored values.
+        self._release_gathered(params, None, keep=self._replicated_ids)
+        return [p.detach() if id(p) in self._replicated_ids else p.ds_tensor.detach().narrow(0, 0, self._z3_valid(p))
                 for p in params]
 
     @staticmethod
-    def _settle(params, names, gather: bool = True) -> None:
-        """Brings the ZeRO-3 parameters among ``params`` into the state the attack works on, with at
-        most one collective:
-
-        * persistent parameters not gathered now (the last forward did not reach them, or they
-          were released) are gathered (one all-gather for all of them).  A persistent parameter
-          stays gathered until the optimizer step re-gathers it and forwards use that copy, so
-          perturbing and restoring the gathered copy is what every later forward sees and
-          ``ds_tensor`` is never touched; left partitioned, a forward between attack and restore
-          would gather the perturbed partition into a copy that restore does not reach;
-        * other parameters left gathered outside any forward (a forward under ``torch.no_grad``
-          does not release them) are released: their gathered copy equals the partitions, and a
-          write to it would be lost at the release.  One still in use by a module (inside
-          forward / ``GatheredParameters``) or in flight is refused with ShardingError."""
-        todo = [p for p in params if getattr(p, "ds_persist", False) and p.data.numel() == 0]
-        if todo and gather:
-            todo[0].all_gather(param_list=todo)
+    def _release_gathered(params, names, keep: set[int]) -> None:
+        """Releases the ZeRO-3 parameters among ``params`` that are gathered now, except those whose
+        id is in ``keep`` (no collective: the partitions already hold the values).  Between
+        backward and forward a gathered copy is a leftover (a forward under ``torch.no_grad``
+        does not release; a persistent parameter stays gathered until the optimizer step), and a
+        write to it would not reach the partitions the next gather reads, or would outlive a
+        restore of the partitions.  One in use by a module (inside forward /
+        ``GatheredParameters``) or in flight is refused with ShardingError."""
         stale = []
         for i, p in enumerate(params):
-            if getattr(p, "ds_persist", False) or p.data.numel() == 0:
+            if id(p) in keep or p.data.numel() == 0:
                 continue
             if p.ds_active_sub_modules or str(p.ds_status).endswith("INFLIGHT"):
                 label = names[i] if names is not None else f"params[{i}]"

@@ -308,6 +308,13 @@ def scenario_layout(stage: int):
         names, params = zip(*engine.module.named_parameters())
         full_g = [safe_get_full_grad(p).double() for p in params]
         full_p = gathered(engine)
+        if stage == 3:
+            # a forward under no_grad leaves every weight gathered: persistent ones are then taken
+            # whole (gradients rebuilt), the others are released and taken as partitions
+            with torch.no_grad():
+                loss_of(engine, local_batch(1, rank, world))
+            assert any(getattr(p, "ds_persist", False) and p.data.numel() for p in params)
+            assert any(not getattr(p, "ds_persist", False) and p.data.numel() for p in params)
         layout = DeepSpeedLayout(engine)
         calls = []
         original = dist.all_reduce
@@ -326,6 +333,8 @@ def scenario_layout(stage: int):
         assert n_rebuild == (0 if stage == 0 else 1), f"rebuild collectives: {calls}"
         assert len(calls) - n_rebuild == (1 if stage == 3 else 0), f"reduction collectives: {calls}"
         assert loc.live == list(range(len(params))) or stage == 3, loc.live
+        if stage == 3:
+            assert all(p.data.numel() == 0 for p in params if not getattr(p, "ds_persist", False)), "not released"
         for j, i in enumerate(loc.live):
             want_g = full_g[i].pow(2).sum().item()
             want_p = full_p[names[i]].double().pow(2).sum().item()
