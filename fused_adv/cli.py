@@ -1,7 +1,7 @@
 """The ``fused-adv`` command (also ``python -m fused_adv``).
 
     fused-adv demo    fine-tune MiniLM-L6 on Rotten Tomatoes: no adversary vs reference vs fused
-                      FGM and AWP (step time, overhead, memory, loss curves, accuracy)
+                      FGM, AWP, FreeLB (--runs: more); clean + attacked accuracy, time, memory
     fused-adv gan-demo  plain WGAN-GP vs probability-ratio clipping + sample reweighting on digits
     fused-adv bench   the bookkeeping benchmark matrix (methods x parameter sets x providers)
     fused-adv info    what is built and which backend serves which device
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:7]))
     sub = p.add_subparsers(dest="command", metavar="{demo,gan-demo,bench,info}")
-    d = sub.add_parser("demo", help="fine-tune MiniLM-L6 with/without (reference, fused) FGM and AWP",
+    d = sub.add_parser("demo", help="fine-tune MiniLM-L6 with/without (reference, fused) FGM, AWP, FreeLB, ...",
                        description=demo.__doc__.split("\n\n")[0])
     demo.add_arguments(d)
     from fused_adv.gan import demo as gan_demo
