@@ -197,7 +197,14 @@ class AdversarialLearner:
                 loss_fn = perturbation_loss_fns[loss_fn]
             pert_logits = logits_fn(self.model, *wargs, **kwargs)
             pert_loss = loss_fn(pert_logits, target.detach()).sum()
-            pert_loss.backward()
+            # Only delta's gradient is wanted: autograd.grad computes it without accumulating into
+            # any .grad.  Freezing the parameters is not enough under FSDP2, where the forward
+            # computes with FSDP's unsharded copies, whose requires_grad does not follow the
+            # sharded parameters': a .backward() would add a parameter gradient (docs/methods.md
+            # §12 (Sharded training)).  Same delta gradient as pert_loss.backward().
+            deltas = [m.delta for m in self.adv_modules if m.delta is not None and m.delta.requires_grad]
+            for d, g in zip(deltas, torch.autograd.grad(pert_loss, deltas, allow_unused=True)):
+                d.grad = g
             for m in self.adv_modules:
                 m.update_delta(True)
             # the second forward builds the graph into the parameters: unfreeze them first

@@ -83,7 +83,7 @@ def refused_hf(chk, fsdp1: bool) -> None:
         want = "FSDP1"
     else:
         from torch.distributed.fsdp import fully_shard
-        sharded, method, want = fully_shard(base), "sift", "sharded parameters"
+        sharded, method, want = fully_shard(base), "yopo", "sharded parameters"
     with tempfile.TemporaryDirectory() as tmp:
         try:
             T.run_trainer(tmp, method, steps=1, model=sharded, args_kw={"remove_unused_columns": False})

@@ -648,7 +648,7 @@ def scenario_hf(rank, world, fsdp1=False):
     """tests/sharding_hf.py: the HF Trainer mixin on a hand-sharded tiny BERT vs unsharded."""
     import sharding_hf
     chk = Checks()
-    methods = ("fgm", "awp") if fsdp1 else ("fgm", "pgd", "freelb", "smart")
+    methods = ("fgm", "awp") if fsdp1 else ("fgm", "pgd", "freelb", "smart", "sift")
     sharding_hf.run_hf(chk, rank, methods, fsdp1)
     sharding_hf.refused_hf(chk, fsdp1)
     chk.raise_if_any()

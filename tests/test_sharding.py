@@ -27,6 +27,10 @@ result on both ranks.  What they check:
   on the sharded model, each rank half of the batch, vs an unsharded run on the whole batch:
   every full weight seen while perturbed, the final weights and gradients within 1e-5, and the
   number of all_reduce calls per attack (one per reduction phase).
+* hf_fsdp2 / hf_fsdp1 (tests/sharding_hf.py): the HF Trainer with AdversarialTrainerMixin around a
+  tiny BERT sharded by hand (accelerate ignores fsdp= on CPU): fgm, pgd, freelb (embedding as its
+  own unit), smart, sift on FSDP2 and fgm, awp on FSDP1 equal the same Trainer on an unsharded copy
+  (1e-5); yopo on FSDP2 and freelb on FSDP1 are refused with the reason.
 """
 from __future__ import annotations
 

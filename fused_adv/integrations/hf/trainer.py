@@ -107,10 +107,10 @@ class AdversarialTrainerMixin:
                                "fsdp_use_orig_params: true) or use FSDP2 (fsdp_version: 2)")
         method = self.__dict__.get("_adv_cfg")
         method = getattr(method, "method", None)
-        if method in ("sift", "yopo") and _sharded(self.model):
-            reasons.append(f"adversarial={method!r} on sharded parameters (FSDP1/FSDP2): not supported yet "
-                           "(docs/hf.md, \"Sharded training\"); fgm, fgsm, pgd, awp, mifgsm, awp_paper, sam, smart "
-                           "and freelb are")
+        if method == "yopo" and _sharded(self.model):
+            reasons.append("adversarial='yopo' on sharded parameters (FSDP1/FSDP2): not supported yet "
+                           "(docs/hf.md, \"Sharded training\"); fgm, fgsm, pgd, awp, mifgsm, awp_paper, sam, smart, "
+                           "sift and freelb are")
         try:
             from transformers.utils import is_sagemaker_mp_enabled
             if is_sagemaker_mp_enabled():
