@@ -86,10 +86,12 @@ def run_one(run: str, base_model, train_batches, val_batches, args, device, seed
             _sync(device)
             peak = torch.cuda.max_memory_allocated(device) - mem_before
 
-    bar = tqdm(train_batches, desc=f"seed {seed} {run:16s}", unit="step", leave=True, disable=args.quiet,
-               dynamic_ncols=True)
+    # a manual bar (not tqdm(iterable), which closes itself after the last step): it stays open
+    # through the evaluation and ends with the run's accuracies
+    bar = tqdm(total=len(train_batches), desc=f"seed {seed} {run:16s}", unit="step", leave=True,
+               disable=args.quiet, dynamic_ncols=True)
     try:
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(train_batches):
             if measure_memory and i == window:
                 _sync(device)
                 if device.type == "cuda":
@@ -110,7 +112,8 @@ def run_one(run: str, base_model, train_batches, val_batches, args, device, seed
                 close_window()
             if i >= window + 2 or (not measure_memory and i > window):
                 times.append(dt)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{tr.scheduler.get_last_lr()[0]:.1e}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{tr.scheduler.get_last_lr()[0]:.1e}", refresh=False)
+            bar.update(1)
         close_window()
         bar.set_postfix_str("evaluating (clean + attacked)")
         acc = clean_accuracy(model, val_batches)
