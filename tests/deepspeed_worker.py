@@ -371,6 +371,23 @@ def scenario_no_grad_error(stage: int):
     return run
 
 
+def scenario_ga_not_boundary(stage: int):
+    """gradient_accumulation_steps=2 at ZeRO-1/2: after the first micro-batch's backward (not an
+    accumulation boundary) the gradients are not reduced yet; an attack raises, saying so."""
+    def run(rank, world):
+        import fused_adv
+        from fused_adv.sharding import ShardingError
+        engine = make_engine(stage, {"gradient_accumulation_steps": 2})
+        engine.backward(loss_of(engine, local_batch(0, rank, world)))
+        try:
+            fused_adv.FGM(engine, emb_name=EMB).attack()
+        except ShardingError as e:
+            assert "gradient_accumulation_steps" in str(e) and f"ZeRO-{stage}" in str(e), str(e)
+        else:
+            raise AssertionError(f"ZeRO-{stage}: attack on a non-boundary micro-batch did not raise")
+    return run
+
+
 def scenario_offload_refused(rank, world):
     import fused_adv
     from fused_adv.sharding import ShardingError
@@ -472,6 +489,8 @@ for _stage in (0, 1, 2, 3):
     SCENARIOS[f"z{_stage}_no_grad_error"] = scenario_no_grad_error(_stage)
 for _stage in (2, 3):
     SCENARIOS[f"z{_stage}_engine_module"] = scenario_engine_module(_stage)
+for _stage in (1, 2):
+    SCENARIOS[f"z{_stage}_ga2_not_boundary"] = scenario_ga_not_boundary(_stage)
 SCENARIOS["z3_offload_refused"] = scenario_offload_refused
 for _m in ("freelb", "smart", "sift"):
     SCENARIOS[f"z3_{_m}"] = scenario_activation_z3(_m)

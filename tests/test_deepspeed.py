@@ -13,9 +13,18 @@ session; each test below asserts one scenario's result on both ranks.  What they
   add the gradients, ZeRO-1/2 replace the first by the second.
 * z{s}_restore_exact: an attack moves exactly the chosen weights as the next forward sees them
   (gathered at ZeRO-3), on every rank; restore is bit-exact.
+* z{s}_layout: DeepSpeedLayout's reduced per-tensor sums of squares (gradients and weights) equal
+  DeepSpeed's own full tensors, with the expected number of all_reduce calls (ZeRO-1/2: one
+  rebuild; ZeRO-3: one reduction, plus one rebuild when persistent weights are gathered).
 * z{s}_no_grad_error: an attack before engine.backward raises ValueError naming the causes.
 * z{2,3}_engine_module: ``FGM(engine.module)`` works as ``FGM(engine)``.
+* z{1,2}_ga2_not_boundary: gradient_accumulation_steps=2, attack after a non-boundary backward
+  raises, naming gradient_accumulation_steps.
 * z3_offload_refused: ZeRO-Offload is refused with an error naming the stage.
+* z3_{freelb,smart,sift}: the activation-space methods under ZeRO-3 train as on the unsharded
+  model (the same initial noise per example on both sides).
+
+Cost: one 2-process launch, ~40 engines; 1-2 minutes on a loaded 2-core CPU.
 """
 from __future__ import annotations
 
