@@ -549,7 +549,8 @@ def test_triton_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    probe = subprocess.run([sys.executable, "-c", "import triton.backends; print('nvidia' in triton.backends.backends)"],
+    probe = subprocess.run([sys.executable, "-c",
+                            "import triton.backends; print('nvidia' in triton.backends.backends)"],
                            env=env, capture_output=True, text=True, timeout=300)
     if "True" not in probe.stdout:
         pytest.skip(f"triton has no NVIDIA backend here: {probe.stdout} {probe.stderr[-500:]}")
