@@ -134,10 +134,10 @@ def plot_demo(res: dict, path: str) -> None:
     ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("validation accuracy (%)")
     lo = min(clean + att_known + [50])
-    ax.set_ylim(max(0, lo - 10), 100)
+    ax.set_ylim(max(0, lo - 10), 105)
     nseeds = len(m["seeds"])
     ax.set_title("clean vs attacked accuracy" + (f" (mean ± std, {nseeds} seeds)" if nseeds > 1 else ""))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right", ncol=3)
 
     ax = axes[0][1]
     for run, r in runs.items():
@@ -157,6 +157,9 @@ def plot_demo(res: dict, path: str) -> None:
     ax.set_xlabel("step")
     if res["comparisons"]:
         ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no reference runs here\n(--runs with '<method>' runs both)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
 
     ax = axes[1][1]
     ms = [runs[n]["median_step_ms"] or 0 for n in names]
