@@ -1,5 +1,6 @@
 """CPU bookkeeping speed: attack + restore (no forward/backward) of FGM, PGD-3 and AWP, and
-SAM / ASAM's first_step + second_step without the base update (``--methods``;
+SAM / ASAM's first_step + second_step without the base update, MI-FGSM-3 and the AWP paper's
+calc_awp + perturb + restore (``--methods``;
 ``python benchmarks/bookkeeping_cpu.py`` runs :func:`main`).
 
 Providers, interleaved run by run so that machine noise hits all of them alike:
@@ -159,6 +160,50 @@ def sam_runners(model, provider: str):
     return out
 
 
+def weight_ext_runners(model, provider: str):
+    """MI-FGSM-3 (PGD-3's step: backup_grad, 3 attacks, restore_grad, restore; docs/methods.md §2b
+    (MI-FGSM)) and the paper's AWP (calc_awp + perturb + restore, docs/methods.md §4b (AWP (paper)))
+    whose loss is a stand-in with a free forward and a backward that writes a copy of the clean
+    gradients (fused_adv._bench.providers._GivenGrads).  ``provider``: community | <backend>; the
+    fused AWP runs without a proxy."""
+    import copy
+
+    from fused_adv._bench.providers import _GivenGrads
+
+    if provider == "community":
+        mi = reference.MIFGSM(model, epsilon=1.0, steps=3)
+        proxy = copy.deepcopy(model)
+        for p in proxy.parameters():
+            p.grad = None
+        awp = reference.AdvWeightPerturb(model, proxy, torch.optim.SGD(proxy.parameters(), lr=0.01), 0.01)
+    else:
+        mi = fused_adv.MIFGSM(model, epsilon=1.0, steps=3, backend=provider)
+        awp = fused_adv.AdvWeightPerturb(model, gamma=0.01, backend=provider)
+    names = [n for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
+    given = [dict(model.named_parameters())[n].grad for n in names]
+
+    def closure(m):
+        named = dict(m.named_parameters())
+        return _GivenGrads.apply(given, *[named[n] for n in names])
+
+    def run_mi():
+        mi.backup_grad()
+        for t in range(3):
+            mi.attack(is_first_attack=(t == 0))
+        mi.restore_grad()
+        mi.restore()
+
+    def run_awp_paper():
+        diff = awp.calc_awp(closure=closure)
+        awp.perturb(diff)
+        awp.restore(diff)
+
+    return {"MI-FGSM-3": run_mi, "AWP-paper": run_awp_paper}
+
+
+WEIGHT_EXT = ("MI-FGSM-3", "AWP-paper")
+
+
 def main(argv=None) -> None:
     """Parses ``argv`` (default: sys.argv[1:]), times every provider's FGM / PGD-3 / AWP
     bookkeeping interleaved, prints the medians.  A provider whose backend cannot run here is
@@ -173,7 +218,8 @@ def main(argv=None) -> None:
                     help="community | foreach | <backend> | <backend>-swap (restore_mode='swap': restore by "
                          "re-pointing .data)")
     ap.add_argument("--methods", default="FGM,PGD-3,AWP",
-                    help="comma-separated subset of FGM, PGD-3, AWP, SAM, ASAM (SAM/ASAM: every parameter)")
+                    help="comma-separated subset of FGM, PGD-3, AWP, SAM, ASAM, MI-FGSM-3, AWP-paper "
+                         "(SAM/ASAM: every parameter; AWP-paper: weights of dim > 1)")
     ap.add_argument("--dense-grads", action="store_true",
                     help="random gradient in every embedding row (default: only the rows of one 4x64 batch)")
     args = ap.parse_args(argv)
@@ -185,7 +231,8 @@ def main(argv=None) -> None:
     for prov in providers:
         model = make_model(dtype, args.dense_grads)  # one model per provider: the community restore re-points .data
         if prov == "community":
-            runners[prov] = {**community_runners(model), **sam_runners(model, prov)}
+            runners[prov] = {**community_runners(model), **sam_runners(model, prov),
+                             **weight_ext_runners(model, prov)}
         elif prov == "foreach":
             runners[prov] = {**foreach_runners(model), **sam_runners(model, prov)}
         else:
@@ -200,11 +247,12 @@ def main(argv=None) -> None:
             runners[prov] = fused_runners(model, backend, "swap" if swap else "copy")
             if not swap:  # SAM restores by copy only (its backups live in optimizer state)
                 runners[prov].update(sam_runners(model, backend))
+                runners[prov].update(weight_ext_runners(model, backend))
     providers = [p for p in providers if p in runners]
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in ("FGM", "PGD-3", "AWP", *SAM_RHO)]
+    unknown = [m for m in methods if m not in ("FGM", "PGD-3", "AWP", *SAM_RHO, *WEIGHT_EXT)]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}: FGM, PGD-3, AWP, SAM, ASAM")
+        raise SystemExit(f"unknown methods {unknown}: FGM, PGD-3, AWP, SAM, ASAM, MI-FGSM-3, AWP-paper")
     times = {(p, m): [] for p in providers for m in methods}
     for m in methods:
         for rep in range(args.warmup + args.reps):
