@@ -152,7 +152,27 @@ def step_awp(model, backward, attacker, batch, zero_grad):
     attacker.attack_backward(ids, labels, mask, epoch=1)
 
 
-LOOPS = {"fgm": step_fgm, "fgsm": step_fgm, "pgd": step_pgd, "awp": step_awp}
+LOOPS = {"fgm": step_fgm, "fgsm": step_fgm, "pgd": step_pgd, "awp": step_awp, "mifgsm": step_pgd}
+
+
+# SAM and the paper's AWP own the optimizer step; their loops take (model, backward, method,
+# batch, step) with step() the base step (opt.step() unsharded, engine.step() under DeepSpeed).
+def step_sam(model, backward, sam, batch, step):
+    backward(loss_of(model, batch))
+    sam.first_step(zero_grad=True)
+    backward(loss_of(model, batch))
+    sam.second_step(zero_grad=True)
+
+
+def step_awp_paper(model, backward, awp, batch, step):
+    diff = awp.calc_awp(closure=lambda m: loss_of(m, batch))
+    awp.perturb(diff)
+    backward(loss_of(model, batch))
+    step()
+    awp.restore(diff)
+
+
+OPT_LOOPS = {"sam": step_sam, "awp_paper": step_awp_paper}
 
 
 def make_attacker(cls_name: str, fused: bool, model, optimizer):
@@ -168,12 +188,40 @@ def make_attacker(cls_name: str, fused: bool, model, optimizer):
     if cls_name == "awp":
         return mod.AWP(model, optimizer, adv_param="weight", adv_lr=0.5, adv_eps=0.01, start_epoch=0,
                        autocast=False)
+    if cls_name == "mifgsm":
+        return mod.MIFGSM(model, epsilon=0.5, steps=3, decay=0.9, emb_name=EMB)
     raise KeyError(cls_name)
+
+
+def make_opt_method(name: str, fused: bool, model, engine=None):
+    """(method, base step) for SAM / the paper's AWP: unsharded on ``model`` with torch SGD (the
+    paper's AWP unsharded is the fused class with proxy=None, which tests/test_awp_paper.py ties to
+    the paper's proxy class), or under DeepSpeed on ``engine``."""
+    import fused_adv
+    import fused_adv.reference as ref
+    if name == "sam":
+        if engine is not None:
+            return fused_adv.SAM.from_engine(engine, rho=0.05), engine.step
+        sam = (fused_adv if fused else ref).SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR)
+        return sam, None
+    if name == "awp_paper":
+        target = engine if engine is not None else model
+        awp = fused_adv.AdvWeightPerturb(target, gamma=0.05, proxy_lr=0.1)
+        if engine is not None:
+            return awp, engine.step
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        return awp, lambda: (opt.step(), opt.zero_grad())
+    raise KeyError(name)
 
 
 def unsharded_run(method: str) -> dict[str, torch.Tensor]:
     """The reference classes on a plain single-process model, the 8-example global batch."""
     model = tiny_bert_cls(num_labels=3, vocab=64, hidden=16)
+    if method in OPT_LOOPS:
+        meth, step = make_opt_method(method, False, model)
+        for k in range(STEPS):
+            OPT_LOOPS[method](model, lambda l: l.backward(), meth, global_batch(k), step)
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     attacker = make_attacker(method, False, model, opt)
     for step in range(STEPS):
@@ -194,6 +242,11 @@ def oracle(method: str):
 
 def deepspeed_run(stage: int, method: str, rank: int, world: int, *, via_module: bool = False, **zero):
     engine = make_engine(stage, **zero)
+    if method in OPT_LOOPS:
+        meth, step = make_opt_method(method, True, None, engine)
+        for k in range(STEPS):
+            OPT_LOOPS[method](engine, engine.backward, meth, local_batch(k, rank, world), step)
+        return engine
     target = engine.module if via_module else engine
     attacker = make_attacker(method, True, target, engine.optimizer)
     for step in range(STEPS):
@@ -388,6 +441,39 @@ def scenario_ga_not_boundary(stage: int):
     return run
 
 
+def scenario_opt_refusals(stage: int):
+    """What SAM and the paper's AWP refuse under DeepSpeed, each naming the stage and what works:
+    SAM(model=engine) (use SAM.from_engine), SAM.first_step(zero_grad=False) at ZeRO-1/2 (the next
+    engine.backward replaces the gradients), AdvWeightPerturb with a proxy (its step would see
+    this rank's batch only), AdvWeightPerturb(engine.module) (restore must see engine.step)."""
+    def run(rank, world):
+        import fused_adv
+        from fused_adv.sharding import ShardingError
+        engine = make_engine(stage)
+
+        def raises(fn, exc, *words):
+            try:
+                fn()
+            except exc as e:
+                assert all(w in str(e) for w in words), str(e)
+            else:
+                raise AssertionError(f"ZeRO-{stage}: did not raise {exc.__name__} ({words})")
+
+        raises(lambda: fused_adv.SAM(engine.module.parameters(), torch.optim.SGD, lr=0.1, model=engine),
+               ValueError, "SAM.from_engine")
+        proxy = tiny_bert_cls(num_labels=3, vocab=64, hidden=16)
+        raises(lambda: fused_adv.AdvWeightPerturb(engine, proxy, torch.optim.SGD(proxy.parameters(), lr=0.1)),
+               ShardingError, f"ZeRO-{stage}", "proxy=None")
+        raises(lambda: fused_adv.AdvWeightPerturb(engine.module), ShardingError, f"ZeRO-{stage}",
+               "AdvWeightPerturb(engine)")
+        sam = fused_adv.SAM.from_engine(engine)
+        engine.backward(loss_of(engine, local_batch(0, rank, world)))
+        raises(lambda: sam.first_step(zero_grad=False), ShardingError, f"ZeRO-{stage}", "zero_grad=True")
+        assert not sam.is_perturbed
+        engine.step()
+    return run
+
+
 def scenario_offload_refused(rank, world):
     import fused_adv
     from fused_adv.sharding import ShardingError
@@ -481,7 +567,7 @@ def scenario_activation_z3(method: str):
 
 SCENARIOS = {}
 for _stage in (0, 1, 2, 3):
-    for _m in ("fgm", "fgsm", "pgd", "awp"):
+    for _m in ("fgm", "fgsm", "pgd", "awp", "mifgsm", "sam", "awp_paper"):
         SCENARIOS[f"z{_stage}_{_m}"] = scenario_matrix(_stage, _m)
     SCENARIOS[f"z{_stage}_two_backwards"] = scenario_two_backwards(_stage)
     SCENARIOS[f"z{_stage}_layout"] = scenario_layout(_stage)
@@ -491,6 +577,7 @@ for _stage in (2, 3):
     SCENARIOS[f"z{_stage}_engine_module"] = scenario_engine_module(_stage)
 for _stage in (1, 2):
     SCENARIOS[f"z{_stage}_ga2_not_boundary"] = scenario_ga_not_boundary(_stage)
+SCENARIOS["z2_opt_refusals"] = scenario_opt_refusals(2)
 SCENARIOS["z3_offload_refused"] = scenario_offload_refused
 for _m in ("freelb", "smart", "sift"):
     SCENARIOS[f"z3_{_m}"] = scenario_activation_z3(_m)

@@ -27,7 +27,8 @@ from torch import nn
 from fused_adv import ops
 from fused_adv._torch.weight_ext import awp_paper_factor
 from fused_adv.methods._common import AttackStateError, data_of
-from fused_adv.sharding import ShardingLayout, _is_dtensor
+from fused_adv.sharding import ShardingError, ShardingLayout, _is_dtensor
+from fused_adv.sharding_deepspeed import DeepSpeedLayout, deepspeed_layout
 
 
 def _fsdp1_param(p) -> bool:
@@ -41,7 +42,9 @@ def perturbed_weights(model: nn.Module, layout: ShardingLayout | None = None) ->
     parameter is a 1-D view of its shard)."""
     if layout is None:
         return [(n, p) for n, p in model.named_parameters() if "weight" in n and p.dim() > 1]
-    return [(n, p) for n, p in model.named_parameters() if "weight" in n and len(layout.global_shape(p)) > 1]
+    # DeepSpeed ZeRO-3: the full shape is ds_shape (the parameter is empty outside forward)
+    return [(n, p) for n, p in model.named_parameters()
+            if "weight" in n and len(p.ds_shape if hasattr(p, "ds_shape") else layout.global_shape(p)) > 1]
 
 
 class AWPDiff(Mapping):
@@ -107,6 +110,18 @@ class AdvWeightPerturb:
         if proxy is model and proxy is not None:
             raise ValueError("AdvWeightPerturb: proxy must be a separate copy of the model (or None)")
         layout = ShardingLayout(model)  # docs/methods.md §12 (Sharded training)
+        ds = deepspeed_layout(model)
+        if ds is not None:
+            if proxy is not None:
+                raise ShardingError(
+                    f"AdvWeightPerturb(proxy=...) under DeepSpeed ZeRO-{ds.stage}: the proxy's step would use this "
+                    "rank's batch only (its gradient is not averaged over the ranks) and the ranks' weights would "
+                    "drift apart; use proxy=None with proxy_lr= (the same numbers as the paper's proxy with "
+                    "torch.optim.SGD(lr=proxy_lr)): its gradient goes through engine.backward")
+            if ds.engine is None and ds.stage > 0:
+                raise ShardingError(
+                    f"AdvWeightPerturb(engine.module) under DeepSpeed ZeRO-{ds.stage}: pass the engine itself "
+                    "(AdvWeightPerturb(engine)); restore() must know whether engine.step() ran since perturb()")
         if not perturbed_weights(model, layout):
             raise ValueError(f"AdvWeightPerturb: {type(model).__name__} has no parameter whose name contains "
                              "'weight' with dim > 1; the paper's AWP would perturb nothing")
@@ -118,6 +133,8 @@ class AdvWeightPerturb:
         self.backend = backend
         self._perturbed: AWPDiff | Mapping | None = None
         self._layout = layout
+        self._ds = ds          # DeepSpeed engine layout (any stage), else None
+        self._steps_at_perturb = None
 
     # ------------------------------------------------------------------ calc_awp
     def _loss(self, module: nn.Module, inputs_adv, targets, closure: Callable | None) -> torch.Tensor:
@@ -145,6 +162,8 @@ class AdvWeightPerturb:
             raise AttackStateError("AdvWeightPerturb.calc_awp() while the model is perturbed: call restore(diff) "
                                    "first (the direction must be taken at the unperturbed weights)")
         chosen = perturbed_weights(self.model, self._layout)
+        if self._ds is not None:
+            return self._calc_awp_deepspeed(chosen, inputs_adv, targets, closure)
         if any(self._layout.maybe_sharded(p) for _, p in chosen):
             return self._calc_awp_sharded(chosen, inputs_adv, targets, closure)
         names = [n for n, _ in chosen]
@@ -235,14 +254,77 @@ class AdvWeightPerturb:
         stats = loc.reduce(ops.multi_tensor_sumsq(params + dirs, backend=self.backend).view(2, n), dim=1)
         return AWPDiff(self, [names[i] for i in loc.live], params, dirs, stats[0], stats[1], scale)
 
+    def _calc_awp_deepspeed(self, chosen, inputs_adv, targets, closure) -> AWPDiff:
+        """calc_awp (proxy=None) on a model inside a DeepSpeed engine, ZeRO-0 to 3: the gradient of
+        the loss over the GLOBAL batch comes from ``engine.backward`` (autograd.grad would give this
+        rank's batch only), read where ZeRO keeps it (:meth:`fused_adv.sharding_deepspeed.
+        DeepSpeedLayout.localize`) and copied; the engine's gradients are then emptied and any
+        that it held before are put back (ZeRO-0: ``.grad`` set aside and put back; ZeRO-1/2/3:
+        copied by the GradStore and added back), so the training backward that follows starts
+        from them whether the stage adds or replaces.  Statistics: one all_reduce per phase at
+        ZeRO-3 (partitions), none at ZeRO-1/2 (the rebuilt gradients are whole)."""
+        ds = self._ds
+        names = [n for n, _ in chosen]
+        objs = [p for _, p in chosen]
+        backward = ds.engine.backward if ds.engine is not None else (lambda loss: loss.backward())
+        every = [p for p in ds.module.parameters()]
+        saved = None
+        if ds.stage == 0:
+            saved = [p.grad for p in every]
+            for p in every:
+                p.grad = None
+        elif ds.has_grads():
+            saved = ds.store.copy()
+            ds.store.zero()
+        was_training = self.model.training
+        self.model.train()
+        try:
+            backward(self._loss(self.model, inputs_adv, targets, closure))
+            loc = ds.localize(objs, names=names)
+            dirs = [g.detach().clone(memory_format=torch.contiguous_format) for g in loc.grads]
+        finally:
+            self.model.train(was_training)
+            if ds.stage == 0:
+                for p, g in zip(every, saved):
+                    p.grad = g
+            else:
+                ds.store.zero()
+                if saved is not None:
+                    ds.store.add(saved)
+        params = loc.params
+        n = len(params)
+        stats = loc.reduce(ops.multi_tensor_sumsq(params + dirs, backend=self.backend).view(2, n), dim=1)
+        diff = AWPDiff(self, [names[i] for i in loc.live], params, dirs, stats[0], stats[1], float(self.proxy_lr))
+        diff._objs = [objs[i] for i in loc.live]
+        return diff
+
+    def _engine_rebuilt_weights(self) -> bool:
+        """DeepSpeed: True when an engine.step() that was not skipped ran since perturb() AND the
+        engine steps a master copy (ZeRO-1/2/3, or fp16/bf16): it then rewrote the weights from
+        its unperturbed master, so they hold no perturbation to take back."""
+        ds = self._ds
+        if ds is None or self._steps_at_perturb is None or ds.engine is None:
+            return False
+        eng = ds.engine
+        master = ds.stage > 0 or eng.fp16_enabled() or eng.bfloat16_enabled()
+        g0, s0 = self._steps_at_perturb
+        return master and (eng.global_steps - g0) > (eng.skipped_steps - s0)
+
     # ------------------------------------------------------------------ perturb / restore
     def _apply(self, diff, coeff: float) -> None:
         if isinstance(diff, AWPDiff):
             if diff.owner is not self:
                 raise ValueError("AdvWeightPerturb: this diff was computed by another AdvWeightPerturb")
-            ops.awp_paper_add_(diff.params, diff.dirs, diff.param_sumsq, diff.dir_sumsq, diff.scale, coeff,
+            params = diff.params
+            if self._ds is not None and self._ds.stage == 3:
+                # re-read: a forward since may have gathered copies (released here, no collective)
+                params = self._ds.pieces(diff._objs)
+            ops.awp_paper_add_(params, diff.dirs, diff.param_sumsq, diff.dir_sumsq, diff.scale, coeff,
                                backend=self.backend)
             return
+        if self._ds is not None:
+            raise TypeError("AdvWeightPerturb under DeepSpeed: diff must be what calc_awp returns (a plain "
+                            "mapping cannot be written into ZeRO's partitions)")
         if not isinstance(diff, Mapping):
             raise TypeError(f"AdvWeightPerturb: diff must be what calc_awp returns (or a mapping name -> tensor), "
                             f"got {type(diff).__name__}")
@@ -264,19 +346,29 @@ class AdvWeightPerturb:
             raise AttackStateError("AdvWeightPerturb.perturb() twice without restore()")
         self._apply(diff, 1.0 * self.gamma)
         self._perturbed = diff
+        if self._ds is not None and self._ds.engine is not None:
+            self._steps_at_perturb = (self._ds.engine.global_steps, self._ds.engine.skipped_steps)
 
     def restore(self, diff=None) -> None:
         """Model weights -= gamma * diff (call it after the optimizer step, as the paper does; the
         result is the stepped weights less the perturbation, not bit-exact by design).  ``diff``
-        defaults to the one perturbed with.  Raises AttackStateError without a prior perturb and
+        defaults to the one perturbed with.  Under DeepSpeed (built with the engine) after an
+        ``engine.step()`` that stepped a master copy (ZeRO-1/2/3, fp16/bf16), the weights already
+        are master - update, written by the step from the unperturbed master: nothing is subtracted
+        (the paper's (w + v) - update - v is the same weights); before the step, or at ZeRO-0 fp32,
+        the perturbation is subtracted.  Raises AttackStateError without a prior perturb and
         ValueError for a diff other than the one perturbed with."""
         if self._perturbed is None:
             raise AttackStateError("AdvWeightPerturb.restore() without a prior perturb()")
         if diff is not None and diff is not self._perturbed:
             raise ValueError("AdvWeightPerturb.restore(diff): not the diff the model was perturbed with")
         diff = self._perturbed
-        self._apply(diff, -1.0 * self.gamma)
+        if not self._engine_rebuilt_weights():
+            self._apply(diff, -1.0 * self.gamma)
+        # else (DeepSpeed, after engine.step): the step wrote master - update into the weights; the
+        # paper's (w + v) - update - v is that same w - update (SGD / Adam without weight decay).
         self._perturbed = None
+        self._steps_at_perturb = None
 
     @contextlib.contextmanager
     def perturbed(self, diff):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import AttackStateError, BackupPool, check_restore_mode, select_by_name
+from fused_adv.methods._common import (AttackStateError, BackupPool, check_restore_mode, no_gradient_error,
+                                       select_by_name)
 from fused_adv.methods.pgd import PGD
 
 
@@ -57,7 +58,8 @@ class MIFGSM(PGD):
         backed up but not moved.  Any float dtype; M has P's dtype.  Raises AttackStateError for a
         first attack while attacked, a later step before a first one, or a later step whose
         ``emb_name`` selects parameters the first did not back up; ValueError when ``emb_name``
-        matches no trainable parameter; fused_adv.sharding.ShardingError for layouts it cannot work
+        matches no trainable parameter; NoGradientError (a ValueError) when none of the chosen
+        parameters has a gradient; fused_adv.sharding.ShardingError for layouts it cannot work
         on (restore_mode='swap' on sharded parameters, Partial placements, FSDP1 without
         use_orig_params).  Sharded parameters: momenta and backups are local-shard sized."""
         self._sharding()
@@ -83,6 +85,8 @@ class MIFGSM(PGD):
             backups = [b for b, _ in pairs]
             momenta = [m for _, m in pairs]
         live = set(loc.live)
+        if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
+            raise no_gradient_error("MIFGSM", "emb_name", self.emb_name if emb_name is None else emb_name)
         if is_first_attack:
             for i, piece in enumerate(loc.locals):
                 if i not in live:   # backed up, momentum 0, not moved (as the reference)
@@ -96,6 +100,12 @@ class MIFGSM(PGD):
         if is_first_attack:
             self._attacked = list(zip(chosen, backups))
             self._state = list(zip(chosen, backups, momenta))
+        ds = self._deepspeed()
+        if ds is not None and self._clean is not None:
+            # As PGD.attack: these gradients are used; empty ZeRO's buffers so that the next
+            # engine.backward starts from zero (ZeRO-3 adds to them, ZeRO-1/2 replace them) and the
+            # clean gradients copied by backup_grad are added back at restore().
+            ds.store.zero()
 
     def extra_memory_bytes(self) -> int:
         """Bytes held by the backups and the momenta (two copies of the perturbed weights)."""

@@ -19,7 +19,8 @@ import torch
 
 from fused_adv import ops
 from fused_adv.methods._common import AttackStateError
-from fused_adv.sharding import ShardingLayout
+from fused_adv.sharding import ShardingError, ShardingLayout
+from fused_adv.sharding_deepspeed import DeepSpeedLayout, is_engine
 
 
 class SAM(torch.optim.Optimizer):
@@ -63,8 +64,10 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
+        _refuse_engine(model)
         self._layout = ShardingLayout(model)
-        self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, backups)
+        self._engine = None  # DeepSpeed: see from_engine
+        self._perturbed: tuple | None = None  # (pieces, backups, parameters)
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False, *,
@@ -85,7 +88,40 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults.update(optimizer.defaults)
         self.backend = backend
+        _refuse_engine(model)
         self._layout = ShardingLayout(model)
+        self._engine = None
+        self._perturbed = None
+        return self
+
+    @classmethod
+    def from_engine(cls, engine, rho: float = 0.05, adaptive: bool = False, *, backend: str = "auto") -> "SAM":
+        """SAM for a model trained by a DeepSpeed engine (ZeRO stages 0-3; docs/methods.md §12
+        (Sharded training)).  One param group: every trainable parameter of ``engine.module``
+        (with ``rho`` / ``adaptive``); the base step is ``engine.step()`` (the engine's own
+        optimizer, fp32 master and loss scaling).  Loop::
+
+            engine.backward(engine(**batch).loss)
+            sam.first_step(zero_grad=True)        # climbs; empties ZeRO's gradient buffers
+            engine.backward(engine(**batch).loss) # the gradient at w + e(w), alone
+            sam.second_step()                     # restores w bit for bit, then engine.step()
+
+        The climb reads the gradients where ZeRO keeps them (ZeRO-1/2: full gradients rebuilt
+        by one all_reduce; ZeRO-3: the ds_tensor partitions, the per-tensor sums of squares
+        reduced with one all_reduce) and writes the weights the next forward uses on every
+        rank.  Raises TypeError when ``engine`` is not a DeepSpeed engine, ValueError for
+        rho < 0, fused_adv.sharding.ShardingError for ZeRO offload."""
+        if not is_engine(engine):
+            raise TypeError(f"SAM.from_engine: expected a deepspeed.DeepSpeedEngine, got {type(engine).__name__}")
+        if not rho >= 0.0:
+            raise ValueError(f"Invalid rho, should be non-negative: {rho}")
+        self = cls.__new__(cls)
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        torch.optim.Optimizer.__init__(self, [{"params": params}], dict(rho=rho, adaptive=adaptive))
+        self.base_optimizer = engine.optimizer
+        self.backend = backend
+        self._engine = engine
+        self._layout = DeepSpeedLayout(engine)
         self._perturbed = None
         return self
 
@@ -105,6 +141,13 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise AttackStateError("SAM.first_step() called twice without second_step(): the weights are "
                                    "already at w + e(w); call second_step() (or restore()) first")
+        ds = self._layout if isinstance(self._layout, DeepSpeedLayout) else None
+        if ds is not None and not zero_grad and not ds.accumulates:
+            raise ShardingError(
+                f"SAM.first_step(zero_grad=False) under DeepSpeed ZeRO-{ds.stage}: the next engine.backward REPLACES "
+                "the gradients at this stage instead of adding to them, so the step would not see the sum of both "
+                "gradients that zero_grad=False asks for; use first_step(zero_grad=True) (the SAM recipe), or "
+                "ZeRO-0 / ZeRO-3, where engine.backward adds")
         # Every rank lists the same slots (a rank holding none of a parameter has no .grad for it
         # under FSDP1); localize keeps the live local pieces, in slot order.
         slots, slot_grads, settings = [], [], []
@@ -113,7 +156,10 @@ class SAM(torch.optim.Optimizer):
             if not rho >= 0:
                 raise ValueError(f"SAM: param group rho must be >= 0, got {rho}")
             for p in group["params"]:
-                if p.grad is None and not self._layout.maybe_sharded(p):
+                if ds is not None:  # ZeRO keeps the gradients: every rank lists every trainable slot
+                    if not p.requires_grad:
+                        continue
+                elif p.grad is None and not self._layout.maybe_sharded(p):
                     continue
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError("SAM does not support sparse gradients (nn.Embedding(sparse=True))")
@@ -131,7 +177,8 @@ class SAM(torch.optim.Optimizer):
                 runs.append([k, k + 1, rho, adaptive])
         backups = [self._backup_of(slots[i], like=params[k]) for k, i in enumerate(loc.live)]
         if not params and not loc.sharded:
-            raise ValueError("SAM.first_step(): no parameter has a gradient; call backward() first")
+            raise ValueError("SAM.first_step(): no parameter has a gradient; call backward() first (under "
+                             "DeepSpeed ZeRO the gradients are kept by the engine: build SAM.from_engine(engine))")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"SAM (fused): parameters on several devices {sorted(map(str, devices))}; the one "
@@ -154,7 +201,7 @@ class SAM(torch.optim.Optimizer):
         for a, b, rho, adaptive in runs:
             ops.sam_perturb_(params[a:b], grads[a:b], backups[a:b], grad_sumsq, rho, adaptive,
                              backend=self.backend)
-        self._perturbed = (params, backups)
+        self._perturbed = (params, backups, [slots[i] for i in loc.live])
         if zero_grad:
             self.zero_grad()
 
@@ -170,8 +217,13 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is None:
             raise AttackStateError("SAM.second_step() called without first_step(): the weights are not "
                                    "perturbed, so there is nothing to restore")
+        if self._engine is not None and scaler is not None:
+            raise ValueError("SAM.second_step(scaler=...) under DeepSpeed: the engine scales the loss itself "
+                             "(fp16 config); call second_step() without a scaler")
         self.restore()
-        if scaler is None:
+        if self._engine is not None:
+            self._engine.step()
+        elif scaler is None:
             self.base_optimizer.step()
         else:
             scaler.step(self.base_optimizer)
@@ -184,7 +236,11 @@ class SAM(torch.optim.Optimizer):
         the base optimizer themselves.  Raises AttackStateError when nothing is perturbed."""
         if self._perturbed is None:
             raise AttackStateError("SAM.restore() called without first_step()")
-        params, backups = self._perturbed
+        params, backups, objs = self._perturbed
+        if isinstance(self._layout, DeepSpeedLayout):
+            # re-read (ZeRO-3: a forward may have gathered copies since; releases them so the
+            # restored partitions are what the next forward gathers)
+            params = self._layout.pieces(objs)
         if params:  # a rank holding no live piece under sharding has nothing to copy
             ops.restore_(params, backups, backend=self.backend)
         self._perturbed = None
@@ -212,6 +268,17 @@ class SAM(torch.optim.Optimizer):
             raise
         self.second_step()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim.Optimizer's; for SAM.from_engine also the engine's gradients (ZeRO-1/2/3
+        keep them in their own buffers, which ``engine.zero_grad()`` does not empty)."""
+        super().zero_grad(set_to_none=set_to_none)
+        ds = self._layout if isinstance(self._layout, DeepSpeedLayout) else None
+        if ds is not None:
+            if ds.stage == 0:
+                self._engine.zero_grad()
+            else:
+                ds.store.zero()
+
     def load_state_dict(self, state_dict):
         """As torch.optim.Optimizer's, then re-shares the param groups with the base optimizer.
         Raises AttackStateError while the weights are perturbed."""
@@ -233,3 +300,11 @@ class SAM(torch.optim.Optimizer):
             b = torch.empty_like(t, memory_format=torch.contiguous_format).detach()
             st["old_p"] = b
         return b
+
+
+def _refuse_engine(model) -> None:
+    """SAM(..., model=engine) would climb on parameters whose gradients ZeRO keeps elsewhere."""
+    if model is not None and (is_engine(model) or any(
+            hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in model.parameters())):
+        raise ValueError("SAM(model=<DeepSpeed engine or its module>): build it with SAM.from_engine(engine, rho, "
+                         "adaptive); its base step is engine.step()")
