@@ -280,8 +280,8 @@ def test_torch_backend_pieces_give_the_whole_tensor_bits(dtype, monkeypatch):
 # ---------------------------------------------------------------- vectorised conversions
 @pytest.mark.skipif(not _library.has_native("fgm_perturb_", "cpu"), reason="no C++ kernels")
 def test_vector_conversions_match_the_scalar_path_bit_for_bit(tmp_path):
-    """Every bf16 / fp16 bit pattern as P, G and B of FGM, FGSM, PGD and AWP steps and of the
-    reductions: results of the vector path (this process) equal those of the scalar c10 path
+    """Every bf16 / fp16 bit pattern as P, G and B of FGM, FGSM, PGD and AWP steps, of SAM / ASAM,
+    MI-FGSM and the AWP paper's add, and of the reductions: results of the vector path (this process) equal those of the scalar c10 path
     (a subprocess with FUSED_ADV_CPU_VECTOR=0)."""
     script = textwrap.dedent("""
         import sys, torch
@@ -314,6 +314,23 @@ def test_vector_conversions_match_the_scalar_path_bit_for_bit(tmp_path):
                         Bc = [p.clone() for p in Pc]
                         ops.awp_perturb_(Pc, grads, Bc, gs, ps, 1e3, 0.01, False, backend="cpp")
                     out[f"{dt}-{name}-{grads is Gf}"] = torch.cat([p.view(torch.int16) for p in Pc])
+            # the other families' bf16/fp16 paths (csrc/cpu/sam.cpp, weight_ext.cpp)
+            for adaptive in (False, True):
+                out[f"{dt}-sam_sumsq-{adaptive}"] = ops.sam_sumsq(P, Gf, adaptive, backend="cpp")
+                Pc = [p.clone() for p in P]
+                ops.sam_perturb_(Pc, Gf, [torch.empty_like(p) for p in P], gs, 0.05, adaptive, backend="cpp")
+                out[f"{dt}-sam-{adaptive}"] = torch.cat([p.view(torch.int16) for p in Pc])
+            out[f"{dt}-abssum"] = torch.cat([ops.multi_tensor_abssum(G, backend="cpp"),
+                                             ops.multi_tensor_abssum(Gf, backend="cpp")])
+            n1 = ops.multi_tensor_abssum(Gf, backend="cpp")
+            for first in (True, False):
+                Pc, Bc, Mc = [p.clone() for p in P], [b.clone() for b in B], [g.clone() for g in G]
+                ops.mifgsm_perturb_(Pc, Gf, Mc, Bc, n1, 0.01, 0.02, 0.9, first, backend="cpp")
+                out[f"{dt}-mifgsm-{first}"] = torch.cat([t.view(torch.int16) for t in Pc + Mc])
+            Pc = [p.clone() for p in P]
+            ops.awp_paper_add_(Pc, G, ps, gs, 0.01, -1.0, backend="cpp")
+            ops.awp_paper_add_(Pc, Gf, ps, gs, 0.01, 1.0, backend="cpp")
+            out[f"{dt}-awp_paper"] = torch.cat([p.view(torch.int16) for p in Pc])
         torch.save(out, sys.argv[1])
     """)
     env = dict(os.environ)

@@ -157,15 +157,28 @@ C10_HOST_DEVICE inline T pgd_step(T p, T g, T b, opmath_t<T> c, opmath_t<T> s) {
 
 // AWP: min(max(P + G * c, lo), hi), NaN-propagating, with the box as the reference computes it in
 // P's dtype, each op rounded to T: e = adv_eps * |B|, lo = B - e, hi = B + e.
+// The stages are separate functions of opmath_t values so that the CPU kernels can run them on
+// float32 buffers of a bf16/fp16 block and do the roundings to T with block conversions
+// (csrc/cpu/convert.h); awp_step composes them with a scalar rounding.
+template <typename M>
+C10_HOST_DEVICE inline M awp_box_e(M b, M adv_eps) { return mul_rn(adv_eps, abs_(b)); }  // then round to T
+template <typename M>
+C10_HOST_DEVICE inline M awp_box_lo(M b, M e) { return sub_rn(b, e); }                  // then round to T
+template <typename M>
+C10_HOST_DEVICE inline M awp_box_hi(M b, M e) { return add_rn(b, e); }                  // then round to T
+template <typename M>
+C10_HOST_DEVICE inline M awp_clamp(M p, M g, M c, M lo, M hi) {
+  return nan_min(nan_max(add_rn(p, mul_rn(g, c)), lo), hi);
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T awp_step(T p, T g, T b, opmath_t<T> c, opmath_t<T> adv_eps) {
   using M = opmath_t<T>;
   const M bv = static_cast<M>(b);
-  const M e = static_cast<M>(static_cast<T>(mul_rn(adv_eps, abs_(bv))));
-  const M lo = static_cast<M>(static_cast<T>(sub_rn(bv, e)));
-  const M hi = static_cast<M>(static_cast<T>(add_rn(bv, e)));
-  const M v = add_rn(static_cast<M>(p), mul_rn(static_cast<M>(g), c));
-  return static_cast<T>(nan_min(nan_max(v, lo), hi));
+  const M e = static_cast<M>(static_cast<T>(awp_box_e(bv, adv_eps)));
+  const M lo = static_cast<M>(static_cast<T>(awp_box_lo(bv, e)));
+  const M hi = static_cast<M>(static_cast<T>(awp_box_hi(bv, e)));
+  return static_cast<T>(awp_clamp(static_cast<M>(p), static_cast<M>(g), c, lo, hi));
 }
 
 }  // namespace common

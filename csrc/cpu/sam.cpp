@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common/sam_math.h"
+#include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
 
 namespace fused_adv {
@@ -29,9 +30,10 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
 
 // Sum of sam_term^2 over one chunk: eight lanes of float32 partials over 64 elements flushed to
 // double (vectorizes; fixed combination order), double throughout for double tensors.
+// bf16/fp16 chunks go through float32 buffers (convert.h): blocks of a multiple of 64 elements
+// summed by the float instantiation give the same lanes, hence the same bits.
 template <bool ADAPTIVE, typename T>
-double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+void sam_sumsq_into(const T* __restrict__ p, const T* __restrict__ g, int64_t n, double acc[8]) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<T, double>) {
     for (; i + 64 <= n; i += 64) {
@@ -48,6 +50,24 @@ double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t
   for (; i < n; ++i) {
     const double v = static_cast<double>(sam_term<ADAPTIVE, T>(ADAPTIVE ? p[i] : T(0), g[i]));
     acc[i & 7] += v * v;
+  }
+}
+
+constexpr int64_t kWidenBlock = 1024;  // elements per float32 buffer: a multiple of 64
+
+template <bool ADAPTIVE, typename T>
+double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if constexpr (is_low_precision_v<T>) {
+    alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
+    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+      const int64_t m = std::min(kWidenBlock, n - j0);
+      if (ADAPTIVE) to_float(p + j0, pf, m);
+      to_float(g + j0, gf, m);
+      sam_sumsq_into<ADAPTIVE>(static_cast<const float*>(pf), static_cast<const float*>(gf), m, acc);
+    }
+  } else {
+    sam_sumsq_into<ADAPTIVE>(p, g, n, acc);
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
@@ -76,9 +96,22 @@ at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adapt
   return out;
 }
 
+// bf16/fp16: widened block by block, stepped in float32 (sam_step<float> is sam_step<T> before its
+// final rounding), narrowed once: the bits of the element loop.
 template <bool ADAPTIVE, typename T>
 void sam_chunk(T* __restrict__ p, const T* __restrict__ g, opmath_t<T> scale, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) p[j] = sam_step<ADAPTIVE, T>(p[j], g[j], scale);
+  if constexpr (is_low_precision_v<T>) {
+    alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
+    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+      const int64_t m = std::min(kWidenBlock, n - j0);
+      to_float(p + j0, pf, m);
+      to_float(g + j0, gf, m);
+      for (int64_t k = 0; k < m; ++k) pf[k] = sam_step<ADAPTIVE, float>(pf[k], gf[k], scale);
+      from_float(pf, p + j0, m);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] = sam_step<ADAPTIVE, T>(p[j], g[j], scale);
+  }
 }
 
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,

@@ -15,6 +15,13 @@
 
 #include <type_traits>
 
+// As csrc/cpu/weight_ext.cpp: this file's functions and the element math of kernel_math.h (whose
+// guard is first met here) are compiled without -ftrapping-math, so FP comparisons may be
+// evaluated speculatively and AWP's NaN-propagating clamp if-converts and vectorizes.  Results are
+// unchanged (no reassociation, no contraction: -ffp-contract=off still holds); only the FP
+// exception flags, which nothing reads, may differ.
+#pragma GCC optimize("no-trapping-math")
+#include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
 
 #if defined(__SSE2__)
@@ -25,6 +32,10 @@ namespace fused_adv {
 namespace cpu {
 namespace {
 
+using common::awp_box_e;
+using common::awp_box_hi;
+using common::awp_box_lo;
+using common::awp_clamp;
 using common::awp_factors;
 using common::awp_step;
 using common::fgm_factors;
@@ -58,9 +69,20 @@ const float* check_scalars(const char* op, const char* name, const at::Tensor& t
 // 3.5-4.0 ms; the rest is memory).  Eight fp32 additions per flush cost < 1e-6 relative, far below
 // the float32 result's own rounding budget in the tests (and docs/design.md §3 (Op contract) allows
 // fp32 accumulation).
+// bf16/fp16 chunks are widened block by block (convert.h) into a float32 buffer and summed with
+// the float32 instantiation: float(x) is exact, every block but the last is a multiple of 64
+// elements, and the lane of a tail element is its index within the chunk mod 8 as before, so
+// the result is bit for bit that of summing the 16-bit elements directly.
+constexpr int64_t kWidenBlock = 2048;  // elements per float32 buffer (8 KiB): a multiple of 64
+
+inline double combine8(const double acc[8]) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Adds the squares of x[0..n) into the eight lanes (n a multiple of 64 unless it is a chunk's
+// last block).
 template <typename T>
-double chunk_sumsq(const T* __restrict__ x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+void sumsq_into(const T* __restrict__ x, int64_t n, double acc[8]) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<T, double>) {
     for (; i + 64 <= n; i += 64) {
@@ -84,15 +106,30 @@ double chunk_sumsq(const T* __restrict__ x, int64_t n) {
     const double v = up64(x[i]);
     acc[i & 7] += v * v;
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+double chunk_sumsq(const T* __restrict__ x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if constexpr (is_low_precision_v<T>) {
+    alignas(64) float buf[kWidenBlock];
+    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+      const int64_t m = std::min(kWidenBlock, n - j0);
+      to_float(x + j0, buf, m);
+      sumsq_into(static_cast<const float*>(buf), m, acc);
+    }
+  } else {
+    sumsq_into(x, n, acc);
+  }
+  return combine8(acc);
 }
 
 // (||G||^2, <P-B, G>, ||P-B||^2) over one chunk; d = P - B is formed in double (exact for
 // every input dtype but double itself, where it is rounded once).
+// (Lanes of four: bf16/fp16 blocks are widened as in chunk_sumsq, block sizes multiples of 4.)
 template <typename T>
-void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b,
-                     int64_t n, double out[3]) {
-  double gg[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};
+void pgd_stats_into(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b, int64_t n,
+                    double gg[4], double dg[4], double dd[4]) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     for (int k = 0; k < 4; ++k) {
@@ -109,6 +146,26 @@ void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* 
     gg[i & 3] += gv * gv;
     dg[i & 3] += d * gv;
     dd[i & 3] += d * d;
+  }
+}
+
+template <typename T>
+void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b,
+                     int64_t n, double out[3]) {
+  double gg[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};
+  if constexpr (is_low_precision_v<T>) {
+    constexpr int64_t kB = kWidenBlock / 2;
+    alignas(64) float pf[kB], gf[kB], bf[kB];
+    for (int64_t j0 = 0; j0 < n; j0 += kB) {
+      const int64_t m = std::min(kB, n - j0);
+      to_float(p + j0, pf, m);
+      to_float(g + j0, gf, m);
+      to_float(b + j0, bf, m);
+      pgd_stats_into(static_cast<const float*>(pf), static_cast<const float*>(gf), static_cast<const float*>(bf), m,
+                     gg, dg, dd);
+    }
+  } else {
+    pgd_stats_into(p, g, b, n, gg, dg, dd);
   }
   out[0] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
   out[1] = (dg[0] + dg[1]) + (dg[2] + dg[3]);
@@ -253,9 +310,19 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
 // element.  Without USE_B, op gets p in b's place and b is not read.
 // The new values are computed 2 KiB at a time into a stack buffer (a plain loop the compiler
 // vectorizes), then compared and stored line by line.
+// p[0..m) <- nv[0..m), storing only the 64-byte lines in which some bit changes.
+template <typename T>
+inline void store_changed_lines(T* p, const T* nv, int m) {
+  constexpr int L = 64 / static_cast<int>(sizeof(T));  // elements per 64-byte line
+  int k = 0;
+  for (; k + L <= m; k += L) {
+    if (line_differs(nv + k, p + k)) std::memcpy(p + k, nv + k, 64);
+  }
+  if (k < m) std::memcpy(p + k, nv + k, static_cast<size_t>(m - k) * sizeof(T));
+}
+
 template <bool USE_B, typename T, typename Op>
 inline void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, const Op& op) {
-  constexpr int L = 64 / static_cast<int>(sizeof(T));  // elements per 64-byte line
   constexpr int BUF = 2048 / static_cast<int>(sizeof(T));
   alignas(64) T nv[BUF];
   for (int64_t j0 = 0; j0 < n; j0 += BUF) {
@@ -266,11 +333,29 @@ inline void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, c
       const T* __restrict__ bj = (USE_B ? b : p) + j0;
       for (int k = 0; k < m; ++k) nv[k] = op(pj[k], gj[k], bj[k]);
     }
-    int k = 0;
-    for (; k + L <= m; k += L) {
-      if (line_differs(nv + k, p + j0 + k)) std::memcpy(p + j0 + k, nv + k, 64);
-    }
-    if (k < m) std::memcpy(p + j0 + k, nv + k, static_cast<size_t>(m - k) * sizeof(T));
+    store_changed_lines(p + j0, nv, m);
+  }
+}
+
+// update_lines for bf16/fp16: the block's P, G (and B) are widened into float32 buffers
+// (convert.h, vectorised), block_op(pf, gf, bf, m) overwrites pf with the new values in float32
+// (a plain float loop the compiler vectorises), and from_float rounds them once to T, as the
+// element step's final static_cast<T> would: the stored bits are those of update_lines with the
+// T-typed step.  Converting element by element instead made a bf16 pass slower than the fp32
+// pass over twice the bytes.
+template <bool USE_B, typename T, typename BlockOp>
+inline void update_lines_lowp(T* p, const T* __restrict__ g, const T* b, int64_t n, const BlockOp& block_op) {
+  constexpr int BUF = 1024;
+  alignas(64) float pf[BUF], gf[BUF], bf[BUF];
+  alignas(64) T nv[BUF];
+  for (int64_t j0 = 0; j0 < n; j0 += BUF) {
+    const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
+    to_float(p + j0, pf, m);
+    to_float(g + j0, gf, m);
+    if (USE_B) to_float(b + j0, bf, m);
+    block_op(pf, static_cast<const float*>(gf), bf, m);
+    from_float(pf, nv, m);
+    store_changed_lines(p + j0, nv, m);
   }
 }
 
@@ -293,7 +378,14 @@ void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const opmath_t<T> c = static_cast<opmath_t<T>>(fac[i].c);
       // n = +inf passes the guard: c = 0, so finite entries add 0 and inf entries give NaN.
-      update_lines<false>(p, g, p, ch.end - ch.begin, [c](T pv, T gv, T) { return fgm_step(pv, gv, c); });
+      if constexpr (is_low_precision_v<T>) {
+        update_lines_lowp<false>(p, g, p, ch.end - ch.begin,
+                                 [c](float* __restrict__ pf, const float* __restrict__ gf, float*, int m) {
+                                   for (int k = 0; k < m; ++k) pf[k] = fgm_step<float>(pf[k], gf[k], c);
+                                 });
+      } else {
+        update_lines<false>(p, g, p, ch.end - ch.begin, [c](T pv, T gv, T) { return fgm_step(pv, gv, c); });
+      }
     });
   });
 }
@@ -310,7 +402,14 @@ void fgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       T* p = ptr<T>(params[i], ch);
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const opmath_t<T> eps = static_cast<opmath_t<T>>(epsilon);
-      update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gv, T) { return fgsm_step(pv, gv, eps); });
+      if constexpr (is_low_precision_v<T>) {
+        update_lines_lowp<false>(p, g, p, ch.end - ch.begin,
+                                 [eps](float* __restrict__ pf, const float* __restrict__ gf, float*, int m) {
+                                   for (int k = 0; k < m; ++k) pf[k] = fgsm_step<float>(pf[k], gf[k], eps);
+                                 });
+      } else {
+        update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gv, T) { return fgsm_step(pv, gv, eps); });
+      }
     });
   });
 }
@@ -338,7 +437,15 @@ void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
       const M c = static_cast<M>(fac[i].c), s = static_cast<M>(fac[i].s);
-      update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bv) { return pgd_step(pv, gv, bv, c, s); });
+      if constexpr (is_low_precision_v<T>) {
+        update_lines_lowp<true>(
+            p, g, b, ch.end - ch.begin,
+            [c, s](float* __restrict__ pf, const float* __restrict__ gf, float* __restrict__ bf, int m) {
+              for (int k = 0; k < m; ++k) pf[k] = pgd_step<float>(pf[k], gf[k], bf[k], c, s);
+            });
+      } else {
+        update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bv) { return pgd_step(pv, gv, bv, c, s); });
+      }
     });
   });
 }
@@ -365,7 +472,27 @@ void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const T* __restrict__ g = ptr<T>(grads[i], ch);
       const T* __restrict__ b = ptr<T>(backups[i], ch);
       const M c = static_cast<M>(fac[i].c), ae = static_cast<M>(adv_eps);
-      update_lines<true>(p, g, b, ch.end - ch.begin, [c, ae](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c, ae); });
+      if constexpr (is_low_precision_v<T>) {
+        // awp_step's stages on float32 buffers, each rounding to T a block conversion: e and the
+        // box (lo in bf's place, hi in its own buffer) in T's precision, then the clamped step.
+        update_lines_lowp<true>(
+            p, g, b, ch.end - ch.begin,
+            [c, ae](float* __restrict__ pf, const float* __restrict__ gf, float* __restrict__ bf, int m) {
+              alignas(64) float e[1024];
+              for (int k = 0; k < m; ++k) e[k] = awp_box_e(bf[k], ae);
+              round_through(static_cast<T*>(nullptr), e, m);
+              for (int k = 0; k < m; ++k) {
+                const float bv = bf[k];
+                bf[k] = awp_box_lo(bv, e[k]);
+                e[k] = awp_box_hi(bv, e[k]);
+              }
+              round_through(static_cast<T*>(nullptr), bf, m);
+              round_through(static_cast<T*>(nullptr), e, m);
+              for (int k = 0; k < m; ++k) pf[k] = awp_clamp(pf[k], gf[k], c, bf[k], e[k]);
+            });
+      } else {
+        update_lines<true>(p, g, b, ch.end - ch.begin, [c, ae](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c, ae); });
+      }
     });
   });
 }

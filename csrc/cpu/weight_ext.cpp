@@ -17,6 +17,7 @@
 // Results are unchanged; only the FP exception flags, which nothing reads, may differ.
 #pragma GCC optimize("no-trapping-math")
 #include "common/weight_ext_math.h"
+#include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
 
 namespace fused_adv {
@@ -29,6 +30,15 @@ using common::mifgsm_momentum;
 using common::mifgsm_param;
 using common::norm_ok;
 using common::opmath_t;
+using common::add_rn;
+using common::clamp_nan;
+using common::mul_rn;
+using common::quot_rn;
+using common::sign_of;
+using common::sub_rn;
+
+// Elements per float32 buffer of the bf16/fp16 paths (convert.h): a multiple of 64.
+constexpr int64_t kWidenBlock = 1024;
 
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
   common::check_lists(op, c10::DeviceType::CPU, lists);
@@ -44,9 +54,10 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
 
 // Sum of |x| over one chunk: eight lanes, float32 partials over 64 elements flushed to double
 // (the pattern of weight.cpp's chunk_sumsq: vectorizes, fixed combination order).
+// (bf16/fp16: widened in blocks of a multiple of 64 elements and summed by the float instantiation:
+// the same lanes, the same bits.)
 template <typename T>
-double chunk_abssum(const T* __restrict__ x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+void abssum_into(const T* __restrict__ x, int64_t n, double acc[8]) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<T, double>) {
     for (; i + 64 <= n; i += 64) {
@@ -58,6 +69,21 @@ double chunk_abssum(const T* __restrict__ x, int64_t n) {
     }
   }
   for (; i < n; ++i) acc[i & 7] += std::fabs(static_cast<double>(static_cast<opmath_t<T>>(x[i])));
+}
+
+template <typename T>
+double chunk_abssum(const T* __restrict__ x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if constexpr (is_low_precision_v<T>) {
+    alignas(64) float buf[kWidenBlock];
+    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+      const int64_t m = std::min(kWidenBlock, n - j0);
+      to_float(x + j0, buf, m);
+      abssum_into(static_cast<const float*>(buf), m, acc);
+    }
+  } else {
+    abssum_into(x, n, acc);
+  }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
@@ -88,10 +114,37 @@ at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
 template <bool FIRST, typename T>
 void mifgsm_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, const T* __restrict__ b,
                   int64_t len, opmath_t<T> n, opmath_t<T> a, opmath_t<T> e, opmath_t<T> d) {
-  for (int64_t j = 0; j < len; ++j) {
-    const T mt = mifgsm_momentum<T>(g[j], FIRST ? T(0) : m[j], n, d, FIRST);
-    m[j] = mt;
-    p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
+  if constexpr (is_low_precision_v<T>) {
+    // mifgsm_momentum / mifgsm_param on float32 buffers, every rounding to T a block conversion:
+    // the stored momentum (whose sign P's step reads), the box B -+ eps, and P.
+    alignas(64) float pf[kWidenBlock], gf[kWidenBlock], mf[kWidenBlock], lo[kWidenBlock], hi[kWidenBlock];
+    for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
+      const int64_t cnt = std::min(kWidenBlock, len - j0);
+      to_float(g + j0, gf, cnt);
+      if (!FIRST) to_float(m + j0, mf, cnt);
+      for (int64_t k = 0; k < cnt; ++k) {
+        const float step = quot_rn(gf[k], n);
+        mf[k] = FIRST ? step : add_rn(mul_rn(d, mf[k]), step);
+      }
+      from_float(mf, m + j0, cnt);
+      to_float(m + j0, mf, cnt);
+      to_float(b + j0, lo, cnt);
+      for (int64_t k = 0; k < cnt; ++k) {
+        hi[k] = add_rn(lo[k], e);
+        lo[k] = sub_rn(lo[k], e);
+      }
+      round_through(static_cast<T*>(nullptr), lo, cnt);
+      round_through(static_cast<T*>(nullptr), hi, cnt);
+      to_float(p + j0, pf, cnt);
+      for (int64_t k = 0; k < cnt; ++k) pf[k] = clamp_nan(add_rn(pf[k], mul_rn(a, sign_of(mf[k]))), lo[k], hi[k]);
+      from_float(pf, p + j0, cnt);
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const T mt = mifgsm_momentum<T>(g[j], FIRST ? T(0) : m[j], n, d, FIRST);
+      m[j] = mt;
+      p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
+    }
   }
 }
 
@@ -145,7 +198,21 @@ void awp_paper_add_cpu(at::TensorList params, at::TensorList dirs, const at::Ten
       const T* __restrict__ d = ptr<T>(dirs[i], ch);
       const M fi = static_cast<M>(f[i]), c = static_cast<M>(coeff);
       const int64_t len = ch.end - ch.begin;
-      for (int64_t j = 0; j < len; ++j) p[j] = awp_paper_step<T>(p[j], d[j], fi, c);
+      if constexpr (is_low_precision_v<T>) {
+        // awp_paper_step on float32 buffers: diff = f*D rounded to T, then P + coeff*diff, rounded.
+        alignas(64) float pf[kWidenBlock], df[kWidenBlock];
+        for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
+          const int64_t cnt = std::min(kWidenBlock, len - j0);
+          to_float(d + j0, df, cnt);
+          for (int64_t k = 0; k < cnt; ++k) df[k] = mul_rn(df[k], fi);
+          round_through(static_cast<T*>(nullptr), df, cnt);
+          to_float(p + j0, pf, cnt);
+          for (int64_t k = 0; k < cnt; ++k) pf[k] = add_rn(pf[k], mul_rn(c, df[k]));
+          from_float(pf, p + j0, cnt);
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) p[j] = awp_paper_step<T>(p[j], d[j], fi, c);
+      }
     });
   });
 }
