@@ -58,6 +58,19 @@ def make_engine(stage: int, top: dict | None = None, **zero):
     return engine
 
 
+_SHARED: dict[int, object] = {}
+
+
+def shared_engine(stage: int):
+    """One engine per stage for the checks that need no fresh weights, in SCENARIOS order:
+    no_grad_error (before any backward), two_backwards (two backwards, no step), layout,
+    restore_exact (ends with engine.step()), and at ZeRO-2 opt_refusals: an engine build saved
+    per check (they cost more than the checks)."""
+    if stage not in _SHARED:
+        _SHARED[stage] = make_engine(stage)
+    return _SHARED[stage]
+
+
 def global_batch(step: int, n: int = 8, length: int = 8):
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, 64, (n, length), generator=g)
@@ -277,7 +290,7 @@ def scenario_restore_exact(stage: int):
     weights; restore() puts every piece back bit for bit (the forward loss too)."""
     def run(rank, world):
         import fused_adv
-        engine = make_engine(stage)
+        engine = shared_engine(stage)
         batch = local_batch(0, rank, world)
         engine.backward(loss_of(engine, batch))
         probe = local_batch(1, rank, world)
@@ -322,21 +335,22 @@ def scenario_two_backwards(stage: int):
     def run(rank, world):
         from deepspeed.utils import safe_get_full_grad
         from fused_adv.sharding_deepspeed import DeepSpeedLayout
-        engine = make_engine(stage)
-        p = dict(engine.module.named_parameters())[f"bert.embeddings.{EMB}.weight"]
-        b0, b1 = local_batch(0, rank, world), local_batch(1, rank, world)
-        engine.backward(loss_of(engine, b0))
+        engine = shared_engine(stage)  # fresh weights, no gradients yet (no_grad_error ran first)
+        name = f"bert.embeddings.{EMB}.weight"
+        p = dict(engine.module.named_parameters())[name]
+        engine.backward(loss_of(engine, local_batch(0, rank, world)))
         g0 = safe_get_full_grad(p).clone()
-        engine.backward(loss_of(engine, b1))
+        engine.backward(loss_of(engine, local_batch(1, rank, world)))
         g01 = safe_get_full_grad(p).clone()
-        engine.step()
-        engine.backward(loss_of(engine, b1))  # weights moved: only a sanity value, not compared
-        engine.step()
-        fresh = make_engine(stage)
-        q = dict(fresh.module.named_parameters())[f"bert.embeddings.{EMB}.weight"]
-        fresh.backward(loss_of(fresh, b1))
-        g1 = safe_get_full_grad(q).clone()
-        fresh.step()
+        # each batch's gradient alone at the same weights: the unsharded model on the global batch
+        plain = tiny_bert_cls(num_labels=3, vocab=64, hidden=16)
+        want = []
+        for k in (0, 1):
+            plain.zero_grad()
+            loss_of(plain, global_batch(k)).backward()
+            want.append(dict(plain.named_parameters())[name].grad.clone())
+        assert torch.allclose(g0, want[0], rtol=1e-5, atol=1e-9), "first backward's gradient"
+        g1 = want[1]
         accumulates = torch.allclose(g01, g0 + g1, rtol=1e-5, atol=1e-9)
         replaces = torch.allclose(g01, g1, rtol=1e-5, atol=1e-9)
         assert accumulates != replaces, "neither adds nor replaces"
@@ -356,8 +370,7 @@ def scenario_layout(stage: int):
         from deepspeed.utils import safe_get_full_grad
         from fused_adv import ops
         from fused_adv.sharding_deepspeed import DeepSpeedLayout
-        engine = make_engine(stage)
-        engine.backward(loss_of(engine, local_batch(0, rank, world)))
+        engine = shared_engine(stage)  # holds the gradients of two_backwards' two backwards
         names, params = zip(*engine.module.named_parameters())
         full_g = [safe_get_full_grad(p).double() for p in params]
         full_p = gathered(engine)
@@ -393,15 +406,16 @@ def scenario_layout(stage: int):
             want_p = full_p[names[i]].double().pow(2).sum().item()
             assert abs(sumsq[0, j].item() - want_g) <= 1e-5 * max(want_g, 1e-20), (names[i], sumsq[0, j], want_g)
             assert abs(sumsq[1, j].item() - want_p) <= 1e-5 * want_p, (names[i], sumsq[1, j], want_p)
-        engine.step()
     return run
 
 
 def scenario_no_grad_error(stage: int):
     """An attack before any backward (or after step) raises, naming the causes."""
     def run(rank, world):
+        from fused_adv.sharding_deepspeed import DeepSpeedLayout
         import fused_adv
-        engine = make_engine(stage)
+        engine = shared_engine(stage)  # built here: no backward yet
+        assert not DeepSpeedLayout(engine).has_grads()
         for make in (lambda: fused_adv.FGM(engine, emb_name=EMB), lambda: fused_adv.PGD(engine, emb_name=EMB)):
             att = make()
             try:
@@ -449,7 +463,7 @@ def scenario_opt_refusals(stage: int):
     def run(rank, world):
         import fused_adv
         from fused_adv.sharding import ShardingError
-        engine = make_engine(stage)
+        engine = shared_engine(stage)  # after restore_exact's step: no gradients
 
         def raises(fn, exc, *words):
             try:
@@ -472,6 +486,43 @@ def scenario_opt_refusals(stage: int):
         assert not sam.is_perturbed
         engine.step()
     return run
+
+
+def scenario_hf_trainer_refused(rank, world):
+    """HF Trainer with TrainingArguments(deepspeed=...): accelerate (1.15) DOES set DeepSpeed up on
+    CPU with gloo ranks (the Trainer's model becomes a DeepSpeedEngine with a ZeRO optimizer), but
+    its backward is engine.backward + engine.step(), so the optimizer would step between the clean
+    and the adversarial pass; the mixin refuses with NotImplementedError before any pass, naming
+    the cause and the plain engine loop (pinned here, with the weights untouched)."""
+    import tempfile
+    from transformers import Trainer, TrainingArguments
+    from fused_adv.integrations.hf import AdversarialTrainerMixin
+
+    class AdvTrainer(AdversarialTrainerMixin, Trainer):
+        pass
+
+    model = tiny_bert_cls(num_labels=3, vocab=64, hidden=16)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = ds_config(2)
+    ids, mask, labels = local_batch(0, rank, world)
+    data = [dict(input_ids=ids[i], attention_mask=mask[i], labels=labels[i]) for i in range(ids.shape[0])]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=1, deepspeed=cfg,
+                                 use_cpu=True, report_to=[], save_strategy="no", ddp_backend="gloo",
+                                 max_grad_norm=0.0, learning_rate=LR, lr_scheduler_type="constant", optim="sgd",
+                                 disable_tqdm=True)
+        trainer = AdvTrainer(model=model, args=args, train_dataset=data, adversarial="fgm",
+                             adversarial_kwargs={"emb_name": EMB})
+        assert trainer.is_deepspeed_enabled, "accelerate did not enable DeepSpeed"
+        try:
+            trainer.train()
+        except NotImplementedError as e:
+            assert "deepspeed=" in str(e) and "engine.step()" in str(e) and "FGM(engine)" in str(e), str(e)
+        else:
+            raise AssertionError("the mixin ran under TrainingArguments(deepspeed=...)")
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)
+    after = full_params(trainer.model_wrapped)
+    check_close(after, before, "weights after the refused HF step")
 
 
 def scenario_offload_refused(rank, world):
@@ -569,16 +620,18 @@ SCENARIOS = {}
 for _stage in (0, 1, 2, 3):
     for _m in ("fgm", "fgsm", "pgd", "awp", "mifgsm", "sam", "awp_paper"):
         SCENARIOS[f"z{_stage}_{_m}"] = scenario_matrix(_stage, _m)
+    # in this order on one shared engine per stage (see shared_engine)
+    SCENARIOS[f"z{_stage}_no_grad_error"] = scenario_no_grad_error(_stage)
     SCENARIOS[f"z{_stage}_two_backwards"] = scenario_two_backwards(_stage)
     SCENARIOS[f"z{_stage}_layout"] = scenario_layout(_stage)
     SCENARIOS[f"z{_stage}_restore_exact"] = scenario_restore_exact(_stage)
-    SCENARIOS[f"z{_stage}_no_grad_error"] = scenario_no_grad_error(_stage)
 for _stage in (2, 3):
     SCENARIOS[f"z{_stage}_engine_module"] = scenario_engine_module(_stage)
 for _stage in (1, 2):
     SCENARIOS[f"z{_stage}_ga2_not_boundary"] = scenario_ga_not_boundary(_stage)
 SCENARIOS["z2_opt_refusals"] = scenario_opt_refusals(2)
 SCENARIOS["z3_offload_refused"] = scenario_offload_refused
+SCENARIOS["z2_hf_trainer_refused"] = scenario_hf_trainer_refused
 for _m in ("freelb", "smart", "sift"):
     SCENARIOS[f"z3_{_m}"] = scenario_activation_z3(_m)
 

@@ -97,8 +97,15 @@ class AdversarialTrainerMixin:
     def _adv_check_supported(self) -> None:
         reasons = []
         if getattr(self, "is_deepspeed_enabled", False):
-            reasons.append("DeepSpeed (ZeRO partitions the weights, and accelerate's DeepSpeed backward also "
-                           "steps the optimizer, which would happen between the clean and adversarial passes)")
+            # accelerate (1.15) does set DeepSpeed up, also on CPU with gloo ranks; but its backward
+            # is engine.backward + engine.step() at every accumulation boundary, so the optimizer
+            # would step between the clean and the adversarial pass (docs/hf.md, "DeepSpeed").
+            reasons.append("TrainingArguments(deepspeed=...) (accelerate's DeepSpeed backward runs engine.backward "
+                           "AND engine.step() at every accumulation boundary, so the optimizer would step between "
+                           "the clean and the adversarial pass and the step would use the clean gradient alone); "
+                           "use a plain DeepSpeed engine loop instead, where fused_adv.FGM(engine) / PGD / MIFGSM / "
+                           "AWP(engine, engine.optimizer) / SAM.from_engine / AdvWeightPerturb(engine) support "
+                           "ZeRO-0 to 3 (README, \"DeepSpeed\")")
         if getattr(self, "is_fsdp_enabled", False):
             plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "fsdp_plugin", None)
             if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
