@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -646,13 +647,17 @@ def main(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
     from deepspeed.utils import logger
     logger.setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    results = {}
+    results, cpu = {}, {}
     for name in names:
+        t0 = time.process_time()
         try:
             torch.manual_seed(0)
             SCENARIOS[name](rank, world)
             results[name] = "ok"
         except Exception:  # collected: both ranks keep issuing the same collectives
             results[name] = traceback.format_exc()
+        cpu[name] = round(time.process_time() - t0, 3)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    with open(os.path.join(out, f"rank{rank}_cpu_s.json"), "w") as f:  # per-scenario CPU seconds, for trimming
+        json.dump(cpu, f)
