@@ -178,3 +178,31 @@ def test_demo_data_split_is_disjoint_and_balanced():
     t1, v1 = demo.split_for_seed(rows, 800, 256, seed=1)
     assert v0 == v1 and t0 != t1
     assert not {t for t, _ in t0 + t1} & {t for t, _ in v0}
+
+
+def test_demo_merge_seeds_run_side_by_side(demo_out, tmp_path):
+    """--merge: results of one process per seed become one table with mean ± std over seeds."""
+    import copy
+
+    from fused_adv import demo
+
+    a = json.loads((demo_out / "demo.json").read_text())
+    b = copy.deepcopy(a)
+    b["meta"]["seeds"] = [1]
+    for r in b["runs"].values():
+        r["seeds"] = [1]
+        r["val_acc_per_seed"] = [min(1.0, r["val_acc"] + 0.1)]
+        if r["attacked_acc"] is not None:
+            r["attacked_acc_per_seed"] = [r["attacked_acc"]]
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "merged"
+    assert demo.main(["--merge", f"{demo_out / 'demo.json'},{tmp_path / 'b.json'}", "--out", str(out), "--no-plot"]) == 0
+    m = json.loads((out / "demo.json").read_text())
+    assert m["meta"]["seeds"] == [0, 1]
+    plain = m["runs"]["plain"]
+    assert plain["seeds"] == [0, 1] and len(plain["losses_per_seed"]) == 2
+    assert plain["val_acc_std"] > 0 and plain["attacked_acc_std"] == 0
+    assert m["runs"]["fgm-reference"]["attacked_acc"] is None
+    assert "±" in (out / "demo.md").read_text()
+    with pytest.raises(SystemExit):   # the same seed twice
+        demo.main(["--merge", f"{demo_out / 'demo.json'},{demo_out / 'demo.json'}", "--out", str(out)])

@@ -36,7 +36,7 @@ from fused_adv.demo.data import (batches, length_grouped_batches, load_model_and
 from fused_adv.demo.evaluate import attacked_accuracy, clean_accuracy
 from fused_adv.demo.output import format_table, plot_demo, table_rows, write_outputs
 
-__all__ = ["main", "main_args", "add_arguments", "fill_defaults", "run_demo", "format_table", "table_rows",
+__all__ = ["main", "main_args", "add_arguments", "fill_defaults", "run_demo", "merge_results", "format_table", "table_rows",
            "write_outputs", "plot_demo", "load_rotten_tomatoes", "split", "split_for_seed", "batches",
            "length_grouped_batches", "minilm_dir", "load_model_and_tokenizer", "clean_accuracy",
            "attacked_accuracy", "RUNS"]
@@ -140,6 +140,79 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
+def _relative_columns(results: dict, comparisons: dict) -> None:
+    """Fills overhead over plain, memory over plain and the reference/fused step-time ratio."""
+    plain_ms = results["plain"]["median_step_ms"] if "plain" in results else None
+    plain_peak = results["plain"]["peak_mem_bytes"] if "plain" in results else None
+    for run, r in results.items():
+        r["overhead_pct"] = (None if plain_ms in (None, 0) or r["median_step_ms"] is None
+                             else 100.0 * (r["median_step_ms"] / plain_ms - 1))
+        r["extra_peak_vs_plain_bytes"] = (None if plain_peak is None or r["peak_mem_bytes"] is None
+                                          else r["peak_mem_bytes"] - plain_peak)
+    for fused, c in comparisons.items():
+        ref_ms, fused_ms = results[c["reference"]]["median_step_ms"], results[fused]["median_step_ms"]
+        c["step_time_ratio_reference_over_fused"] = None if not ref_ms or not fused_ms else ref_ms / fused_ms
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from several results of the same settings and runs with different seeds (e.g.
+    one process per seed, ``--seed 0`` and ``--seed 1`` side by side): the accuracy columns become
+    mean ± std over all seeds, step times are pooled, memory is the first part's, the reference
+    vs fused differences are the largest.  Raises ValueError when the parts differ in runs,
+    steps, batch size or settings, or share a seed."""
+    if not parts:
+        raise ValueError("merge_results: nothing to merge")
+    first = parts[0]
+    keys = ("steps", "batch_size", "max_len", "val_examples", "optimizer", "settings", "attack", "model")
+    for p in parts[1:]:
+        if set(p["runs"]) != set(first["runs"]):
+            raise ValueError(f"merge_results: runs differ: {sorted(p['runs'])} vs {sorted(first['runs'])}")
+        for k in keys:
+            if p["meta"][k] != first["meta"][k]:
+                raise ValueError(f"merge_results: meta[{k!r}] differs: {p['meta'][k]} vs {first['meta'][k]}")
+    seeds = [s for p in parts for s in p["meta"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"merge_results: a seed appears twice: {seeds}")
+    results = {}
+    for run in first["runs"]:
+        rs = [p["runs"][run] for p in parts]
+        losses = [l for r in rs for l in r["losses_per_seed"]]
+        acc = [a for r in rs for a in r["val_acc_per_seed"]]
+        adv = [a for r in rs for a in r["attacked_acc_per_seed"]]
+        times = [t for r in rs for t in r["step_times_s"]]
+        acc_m, acc_s = _mean_std(acc)
+        adv_m, adv_s = (None, None) if any(a is None for a in adv) else _mean_std(adv)
+        results[run] = dict(rs[0])
+        results[run].update({
+            "seeds": [s for r in rs for s in r["seeds"]], "losses_per_seed": losses, "step_times_s": times,
+            "median_step_ms": 1e3 * statistics.median(times) if times else None,
+            "val_acc": acc_m, "val_acc_std": acc_s, "val_acc_per_seed": acc,
+            "attacked_acc": adv_m, "attacked_acc_std": adv_s, "attacked_acc_per_seed": adv,
+            "final_loss": statistics.fmean(statistics.fmean(l[-max(1, len(l) // 5):]) for l in losses),
+        })
+        vs = [r["max_abs_param_diff_vs_plain"] for r in rs if "max_abs_param_diff_vs_plain" in r]
+        if vs:
+            results[run]["max_abs_param_diff_vs_plain"] = min(vs)
+    comparisons = {}
+    for fused, c in first["comparisons"].items():
+        cs = [p["comparisons"][fused] for p in parts]
+        comparisons[fused] = {"reference": c["reference"],
+                              "max_abs_param_diff": max(x["max_abs_param_diff"] for x in cs),
+                              "max_abs_loss_diff": max(x["max_abs_loss_diff"] for x in cs)}
+    _relative_columns(results, comparisons)
+    meta = dict(first["meta"])
+    meta.update({
+        "seeds": seeds,
+        "val_acc_before_training": statistics.fmean(p["meta"]["val_acc_before_training"] for p in parts),
+        "wall_seconds": max(p["meta"]["wall_seconds"] for p in parts),
+        "load_average": [p["meta"]["load_average"] for p in parts],
+        "merged_from": len(parts),
+        "timing_note": first["meta"]["timing_note"] + f"; merged from {len(parts)} processes run side by side "
+                       "(wall = the longest)",
+    })
+    return {"meta": meta, "runs": results, "comparisons": comparisons}
+
+
 def run_demo(args) -> dict:
     """Runs the demo described by ``args`` (see :func:`add_arguments`, after :func:`fill_defaults`)
     and returns the result dict that :func:`write_outputs` writes.  Sets torch's CPU thread count
@@ -211,16 +284,7 @@ def _run_demo(args, device) -> dict:
         }
         if vs_plain:
             results[run]["max_abs_param_diff_vs_plain"] = min(vs_plain)
-    plain_ms = results["plain"]["median_step_ms"] if "plain" in results else None
-    plain_peak = results["plain"]["peak_mem_bytes"] if "plain" in results else None
-    for run, r in results.items():
-        r["overhead_pct"] = (None if plain_ms in (None, 0) or r["median_step_ms"] is None
-                             else 100.0 * (r["median_step_ms"] / plain_ms - 1))
-        r["extra_peak_vs_plain_bytes"] = (None if plain_peak is None or r["peak_mem_bytes"] is None
-                                          else r["peak_mem_bytes"] - plain_peak)
-    for fused, c in comparisons.items():
-        ref_ms, fused_ms = results[c["reference"]]["median_step_ms"], results[fused]["median_step_ms"]
-        c["step_time_ratio_reference_over_fused"] = None if not ref_ms or not fused_ms else ref_ms / fused_ms
+    _relative_columns(results, comparisons)
 
     import fused_adv
     n_params = sum(p.numel() for p in base_model.parameters())
@@ -307,6 +371,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true",
                    help="random 2-layer BERT, a few hundred examples: checks the whole path in seconds")
     g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--merge", default=None, metavar="JSON[,JSON...]",
+                   help="combine demo.json files of the same settings run with different seeds (e.g. one process "
+                        "per seed) into one table and plot in --out; runs nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -358,9 +425,22 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    """Runs the demo for parsed ``args``, prints the table, writes the outputs; returns 0."""
-    args = fill_defaults(args)
-    res = run_demo(args)
+    """Runs the demo for parsed ``args`` (or merges ``--merge`` results), prints the table, writes
+    the outputs; returns 0."""
+    if getattr(args, "merge", None):
+        import json
+
+        parts = []
+        for path in args.merge.split(","):
+            with open(path.strip()) as f:
+                parts.append(json.load(f))
+        try:
+            res = merge_results(parts)
+        except ValueError as e:
+            raise SystemExit(f"--merge: {e}") from None
+    else:
+        args = fill_defaults(args)
+        res = run_demo(args)
     m = res["meta"]
     print(f"\nfused-adv demo: {m['model']}, {m['steps']} steps x {m['batch_size']}, seeds {m['seeds']}, "
           f"on {m['device']} (val acc before training {100 * m['val_acc_before_training']:.1f}%, "
