@@ -417,10 +417,11 @@ def scenario_no_grad_error(stage: int):
         import fused_adv
         engine = shared_engine(stage)  # built here: no backward yet
         assert not DeepSpeedLayout(engine).has_grads()
-        for make in (lambda: fused_adv.FGM(engine, emb_name=EMB), lambda: fused_adv.PGD(engine, emb_name=EMB)):
+        for make in (lambda: fused_adv.FGM(engine, emb_name=EMB), lambda: fused_adv.PGD(engine, emb_name=EMB),
+                     lambda: fused_adv.MIFGSM(engine, emb_name=EMB)):
             att = make()
             try:
-                if isinstance(att, fused_adv.PGD):
+                if isinstance(att, fused_adv.PGD):  # MIFGSM too
                     att.attack(is_first_attack=True)
                 else:
                     att.attack()
@@ -436,6 +437,14 @@ def scenario_no_grad_error(stage: int):
             assert "backward" in str(e), str(e)
         else:
             raise AssertionError(f"ZeRO-{stage}: AWP.attack_step before backward did not raise")
+        sam = fused_adv.SAM.from_engine(engine)
+        try:
+            sam.first_step(zero_grad=True)
+        except ValueError as e:
+            assert "backward" in str(e), str(e)
+        else:
+            raise AssertionError(f"ZeRO-{stage}: SAM.first_step before backward did not raise")
+        assert not sam.is_perturbed
     return run
 
 

@@ -17,7 +17,8 @@ session; each test below asserts one scenario's result on both ranks.  What they
 * z{s}_layout: DeepSpeedLayout's reduced per-tensor sums of squares (gradients and weights) equal
   DeepSpeed's own full tensors, with the expected number of all_reduce calls (ZeRO-1/2: one
   rebuild; ZeRO-3: one reduction, plus one rebuild when persistent weights are gathered).
-* z{s}_no_grad_error: an attack before engine.backward raises ValueError naming the causes.
+* z{s}_no_grad_error: an attack (FGM, PGD, MI-FGSM, AWP, SAM.from_engine) before engine.backward
+  raises ValueError naming the causes.
   no_grad_error, two_backwards, layout and restore_exact run in that order on ONE engine per
   stage (deepspeed_worker.shared_engine); the single-backward gradients two_backwards compares
   with come from the unsharded model.
