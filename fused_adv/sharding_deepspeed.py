@@ -44,7 +44,10 @@ every backward is an accumulation boundary): ZeRO-0 and ZeRO-3 ADD the second gr
 first; ZeRO-1 and ZeRO-2 REPLACE it (the averaged partition is rebuilt from the second
 backward alone).  :class:`GradStore` makes every method's bookkeeping independent of this:
 the clean gradients are set aside (and the engine's zeroed) by the method and added back after
-the adversarial backward (FGM: at ``restore()``; PGD: ``backup_grad`` / ``restore()``).  With
+the adversarial backward (FGM: at ``restore()``; PGD and MI-FGSM: ``backup_grad`` / ``restore()``);
+SAM (``SAM.from_engine``) empties them at ``first_step(zero_grad=True)`` so that the step uses the
+gradient at w + e(w) alone; the paper's AWP (``AdvWeightPerturb(engine)``) takes its ascent
+gradient with ``engine.backward`` between a copy and an add-back of the engine's gradients.  With
 gradient_accumulation_steps > 1 at ZeRO-1/2 the gradients of a micro-batch that is not a
 boundary are not reduced yet (``averaged_gradients`` is None): the methods raise, as for a
 model without gradients.
