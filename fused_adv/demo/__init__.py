@@ -77,14 +77,16 @@ def run_one(run: str, base_model, train_batches, val_batches, args, device, seed
     tracker = None
     cuda_started = False
 
+    held_before = 0
+
     def close_window():
         nonlocal peak, tracker
         if tracker is not None:
             tracker.__exit__(None, None, None)
-            peak, tracker = tracker.extra_peak, None
+            peak, tracker = tracker.extra_peak + held_before, None
         elif cuda_started and peak is None:
             _sync(device)
-            peak = torch.cuda.max_memory_allocated(device) - mem_before
+            peak = torch.cuda.max_memory_allocated(device) - mem_before + held_before
 
     # a manual bar (not tqdm(iterable), which closes itself after the last step): it stays open
     # through the evaluation and ends with the run's accuracies
@@ -93,6 +95,9 @@ def run_one(run: str, base_model, train_batches, val_batches, args, device, seed
     try:
         for i, batch in enumerate(train_batches):
             if measure_memory and i == window:
+                # buffers the fused adversary allocated at an earlier step and keeps (FGM / PGD pools
+                # from step 0) are outside the window: added to its peak below
+                held_before = tr.held_bytes() or 0
                 _sync(device)
                 if device.type == "cuda":
                     mem_before = torch.cuda.memory_allocated(device)
@@ -309,10 +314,12 @@ def _run_demo(args, device) -> dict:
             "val_acc_before_training": statistics.fmean(base_acc), "model_load_seconds": round(load_s, 1),
             "wall_seconds": round(time.perf_counter() - t_start, 1),
             "memory_note": ("torch.cuda.max_memory_allocated over the two steps after the adversary first runs, "
-                            "above the level before them" if device.type == "cuda" else
+                            "above the level before them, plus the buffers the fused adversary allocated "
+                            "earlier and keeps" if device.type == "cuda" else
                             "peak live tensor storage (StorageTracker) over the two steps after the adversary "
                             "first runs (activations, grads, adversary buffers), above the weights and the "
-                            "optimiser state; first seed"),
+                            "optimiser state, plus the buffers the fused adversary allocated earlier and keeps; "
+                            "first seed"),
             "timing_note": ("median over the steps at which the adversary runs, without step 0 and the two "
                             "memory-measured steps (AWP runs from its start step on), pooled over seeds"),
         },
