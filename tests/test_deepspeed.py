@@ -39,10 +39,6 @@ Cost: one 2-process launch, 40 engines + one Trainer's; CPU time (both ranks and
 """
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 
 import pytest
 
@@ -52,41 +48,15 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import deepspeed_worker  # noqa: E402  (tests/ is on sys.path via conftest)
+import two_ranks  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{rank: {scenario: "ok" | traceback}} from one 2-process launch of every scenario."""
-    import torch.multiprocessing as mp
-    out = tmp_path_factory.mktemp("deepspeed")
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
-    try:
-        ctx = mp.start_processes(deepspeed_worker.main,
-                                 args=(2, _free_port(), str(out), list(deepspeed_worker.SCENARIOS)),
-                                 nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"2-rank DeepSpeed scenarios did not finish within {LAUNCH_TIMEOUT_S} s")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+    return two_ranks.launch(deepspeed_worker, tmp_path_factory.mktemp("deepspeed"), LAUNCH_TIMEOUT_S, "DeepSpeed")
 
 
 @pytest.mark.parametrize("scenario", list(deepspeed_worker.SCENARIOS))

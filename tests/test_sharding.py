@@ -34,10 +34,6 @@ result on both ranks.  What they check:
 """
 from __future__ import annotations
 
-import json
-import time
-import os
-import socket
 
 import pytest
 import torch
@@ -47,40 +43,15 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import sharding_worker  # noqa: E402  (tests/ is on sys.path via conftest)
+import two_ranks  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{rank: {scenario: "ok" | traceback}} from one 2-process launch of every scenario."""
-    import torch.multiprocessing as mp
-    out = tmp_path_factory.mktemp("sharding")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
-    try:
-        ctx = mp.start_processes(sharding_worker.main,
-                                 args=(2, _free_port(), str(out), list(sharding_worker.SCENARIOS)),
-                                 nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"2-rank sharding scenarios did not finish within {LAUNCH_TIMEOUT_S} s")
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+    return two_ranks.launch(sharding_worker, tmp_path_factory.mktemp("sharding"), LAUNCH_TIMEOUT_S, "sharding")
 
 
 @pytest.mark.parametrize("scenario", list(sharding_worker.SCENARIOS))
