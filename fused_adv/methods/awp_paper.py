@@ -169,17 +169,7 @@ class AdvWeightPerturb:
         names = [n for n, _ in chosen]
         params = data_of(p for _, p in chosen)
         if self.proxy is not None:
-            self.proxy.load_state_dict(self.model.state_dict())
-            self.proxy.train()
-            loss = -self._loss(self.proxy, inputs_adv, targets, closure)
-            self.proxy_optim.zero_grad()
-            loss.backward()
-            self.proxy_optim.step()
-            proxy_params = dict(self.proxy.named_parameters())
-            missing = [n for n in names if n not in proxy_params]
-            if missing:
-                raise ValueError(f"calc_awp: the proxy has no parameter named {missing[0]!r}; the proxy must be "
-                                 "the model's architecture")
+            proxy_params = self._proxy_step(names, inputs_adv, targets, closure, "")
             with torch.no_grad():
                 dirs = list(torch._foreach_sub([proxy_params[n].detach() for n in names], params))
             scale = 1.0
@@ -202,6 +192,22 @@ class AdvWeightPerturb:
         n = len(params)
         return AWPDiff(self, names, params, dirs, stats[:n], stats[n:], scale)
 
+    def _proxy_step(self, names, inputs_adv, targets, closure, layout_hint: str) -> dict:
+        """The paper's proxy step: proxy <- model's state, one proxy_optim step on the negated
+        loss; returns the proxy's parameters by name (ValueError if one of ``names`` is missing)."""
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train()
+        loss = -self._loss(self.proxy, inputs_adv, targets, closure)
+        self.proxy_optim.zero_grad()
+        loss.backward()
+        self.proxy_optim.step()
+        proxy_params = dict(self.proxy.named_parameters())
+        missing = [n for n in names if n not in proxy_params]
+        if missing:
+            raise ValueError(f"calc_awp: the proxy has no parameter named {missing[0]!r}; the proxy must be "
+                             f"the model's architecture{layout_hint}")
+        return proxy_params
+
     def _calc_awp_sharded(self, chosen, inputs_adv, targets, closure) -> AWPDiff:
         """calc_awp on sharded parameters (FSDP2 / HSDP / TP DTensors, FSDP1 use_orig_params=True):
         the directions and the statistics on this rank's pieces, ||W||^2 and ||D||^2 summed over
@@ -215,17 +221,7 @@ class AdvWeightPerturb:
         names = [n for n, _ in chosen]
         objs = [p for _, p in chosen]
         if self.proxy is not None:
-            self.proxy.load_state_dict(self.model.state_dict())
-            self.proxy.train()
-            loss = -self._loss(self.proxy, inputs_adv, targets, closure)
-            self.proxy_optim.zero_grad()
-            loss.backward()
-            self.proxy_optim.step()
-            proxy_params = dict(self.proxy.named_parameters())
-            missing = [n for n in names if n not in proxy_params]
-            if missing:
-                raise ValueError(f"calc_awp: the proxy has no parameter named {missing[0]!r}; the proxy must be "
-                                 "the model's architecture, sharded the same way")
+            proxy_params = self._proxy_step(names, inputs_adv, targets, closure, ", sharded the same way")
             with torch.no_grad():
                 dirs = [proxy_params[n].detach() - p.detach() for n, p in chosen]
             scale = 1.0
