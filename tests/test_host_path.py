@@ -9,15 +9,9 @@
 * The torch backend's fp16/bf16 (and AWP box) math runs in bounded pieces: transient memory of a
   call at most 0.25x the bytes of the tensors it updates, results bit for bit those of the
   whole-tensor math (NaN payloads aside: ATen picks them per loop).
-* The C++ kernels' vectorised bf16/fp16 conversions give the bits of the scalar c10 conversions
-  (FUSED_ADV_CPU_VECTOR=0 in a subprocess) for every 16-bit pattern.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import weakref
 
 import pytest
@@ -35,7 +29,6 @@ from oracles import bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Net(nn.Module):
@@ -275,73 +268,3 @@ def test_torch_backend_pieces_give_the_whole_tensor_bits(dtype, monkeypatch):
             nan = torch.isnan(a)
             assert torch.equal(nan, torch.isnan(b)), name
             assert torch.equal(bits(a)[~nan], bits(b)[~nan]), name
-
-
-# ---------------------------------------------------------------- vectorised conversions
-@pytest.mark.skipif(not _library.has_native("fgm_perturb_", "cpu"), reason="no C++ kernels")
-def test_vector_conversions_match_the_scalar_path_bit_for_bit(tmp_path):
-    """Every bf16 / fp16 bit pattern as P, G and B of FGM, FGSM, PGD and AWP steps, of SAM / ASAM,
-    MI-FGSM and the AWP paper's add, and of the reductions: results of the vector path (this process) equal those of the scalar c10 path
-    (a subprocess with FUSED_ADV_CPU_VECTOR=0)."""
-    script = textwrap.dedent("""
-        import sys, torch
-        from fused_adv import ops
-        out = {}
-        for dt in (torch.bfloat16, torch.float16):
-            allbits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-            P = [allbits.view(dt).clone(), allbits.view(dt).clone()[:1001]]
-            G = [allbits.roll(12345).view(dt).clone(), allbits[:1001].roll(7).view(dt).clone()]
-            B = [allbits.roll(-999).view(dt).clone(), allbits[:1001].roll(3).view(dt).clone()]
-            # finite, moderate G and B too, so that steps are taken and boxes are not all NaN
-            Gf = [torch.randn(p.numel(), generator=torch.Generator().manual_seed(i)).to(dt) for i, p in enumerate(P)]
-            gs = ops.multi_tensor_sumsq(Gf, backend="cpp")
-            ps = ops.multi_tensor_sumsq(P, backend="cpp")
-            out[f"{dt}-sumsq"] = torch.cat([ops.multi_tensor_sumsq(G, backend="cpp"), gs, ps])
-            out[f"{dt}-pgd_reduce"] = ops.pgd_reduce(P, Gf, B, False, backend="cpp")
-            for name in ("fgm", "fgsm", "pgd", "awp", "awp_box"):
-                for grads in (G, Gf):
-                    Pc, Bc = [p.clone() for p in P], [b.clone() for b in B]
-                    if name == "fgm":
-                        ops.fgm_perturb_(Pc, grads, Bc, torch.ones(2), 0.5, False, backend="cpp")
-                    elif name == "fgsm":
-                        ops.fgsm_perturb_(Pc, grads, Bc, 0.01, False, backend="cpp")
-                    elif name == "pgd":
-                        st = torch.tensor([[4.0, 1.0, 9.0], [1.0, 0.5, 0.25]])
-                        ops.pgd_perturb_(Pc, grads, Bc, st, 0.3, 1.0, False, backend="cpp")
-                    elif name == "awp":
-                        ops.awp_perturb_(Pc, grads, Bc, gs, ps, 1.0, 0.2, False, backend="cpp")
-                    else:
-                        Bc = [p.clone() for p in Pc]
-                        ops.awp_perturb_(Pc, grads, Bc, gs, ps, 1e3, 0.01, False, backend="cpp")
-                    out[f"{dt}-{name}-{grads is Gf}"] = torch.cat([p.view(torch.int16) for p in Pc])
-            # the other families' bf16/fp16 paths (csrc/cpu/sam.cpp, weight_ext.cpp)
-            for adaptive in (False, True):
-                out[f"{dt}-sam_sumsq-{adaptive}"] = ops.sam_sumsq(P, Gf, adaptive, backend="cpp")
-                Pc = [p.clone() for p in P]
-                ops.sam_perturb_(Pc, Gf, [torch.empty_like(p) for p in P], gs, 0.05, adaptive, backend="cpp")
-                out[f"{dt}-sam-{adaptive}"] = torch.cat([p.view(torch.int16) for p in Pc])
-            out[f"{dt}-abssum"] = torch.cat([ops.multi_tensor_abssum(G, backend="cpp"),
-                                             ops.multi_tensor_abssum(Gf, backend="cpp")])
-            n1 = ops.multi_tensor_abssum(Gf, backend="cpp")
-            for first in (True, False):
-                Pc, Bc, Mc = [p.clone() for p in P], [b.clone() for b in B], [g.clone() for g in G]
-                ops.mifgsm_perturb_(Pc, Gf, Mc, Bc, n1, 0.01, 0.02, 0.9, first, backend="cpp")
-                out[f"{dt}-mifgsm-{first}"] = torch.cat([t.view(torch.int16) for t in Pc + Mc])
-            Pc = [p.clone() for p in P]
-            ops.awp_paper_add_(Pc, G, ps, gs, 0.01, -1.0, backend="cpp")
-            ops.awp_paper_add_(Pc, Gf, ps, gs, 0.01, 1.0, backend="cpp")
-            out[f"{dt}-awp_paper"] = torch.cat([p.view(torch.int16) for p in Pc])
-        torch.save(out, sys.argv[1])
-    """)
-    env = dict(os.environ)
-    results = []
-    for flag in ("1", "0"):
-        env["FUSED_ADV_CPU_VECTOR"] = flag
-        path = tmp_path / f"out{flag}.pt"
-        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True, cwd=ROOT, timeout=300)
-        results.append(torch.load(path))
-    vec, scalar = results
-    assert vec.keys() == scalar.keys()
-    for key in vec:
-        assert torch.equal(vec[key].view(torch.int32) if vec[key].dtype == torch.float32 else vec[key],
-                           scalar[key].view(torch.int32) if scalar[key].dtype == torch.float32 else scalar[key]), key

@@ -7,22 +7,19 @@
 // * per-tensor factors are computed in float32 from the float32 norm tensors, in the same
 //   operation order as the torch backend (x / n there is reciprocal(n) * x: Tensor.__rtruediv__);
 // * guards (n != 0 and not NaN) are per tensor; a guarded-off tensor is left untouched;
-// * reductions accumulate in double, with one partial per fixed-size chunk summed in chunk
-//   order: results do not depend on the number of threads;
+// * reductions sum float32 products in 8 float32 lanes over 64 elements, then in double, with one
+//   partial per fixed-size chunk summed in chunk order: results do not depend on the number of
+//   threads (double tensors: double throughout);
 // * backups and restores are memcpy: bit-exact in every dtype.
-// Each phase is one parallel pass over the chunks of all tensors (see multi_tensor.h).
+// Each phase is one parallel pass over the chunks of all tensors (see multi_tensor.h); within a
+// chunk, float32/bf16/fp16 math runs 8 lanes wide on AVX2 CPUs, else scalar (vec.h), same bits.
 #include <torch/library.h>
 
 #include <type_traits>
 
-// As csrc/cpu/weight_ext.cpp: this file's functions and the element math of kernel_math.h (whose
-// guard is first met here) are compiled without -ftrapping-math, so FP comparisons may be
-// evaluated speculatively and AWP's NaN-propagating clamp if-converts and vectorizes.  Results are
-// unchanged (no reassociation, no contraction: -ffp-contract=off still holds); only the FP
-// exception flags, which nothing reads, may differ.
-#pragma GCC optimize("no-trapping-math")
 #include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/vec.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -46,11 +43,6 @@ using common::pgd_factors;
 using common::pgd_step;
 using common::StepFactors;
 
-template <typename T>
-inline double up64(T x) {
-  return static_cast<double>(static_cast<opmath_t<T>>(x));
-}
-
 // Argument checks of this file's ops: CPU tensors (csrc/common/checks.h).
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
   common::check_lists(op, c10::DeviceType::CPU, lists);
@@ -63,16 +55,15 @@ const float* check_scalars(const char* op, const char* name, const at::Tensor& t
 // Eight independent accumulators in a fixed pattern: a single running sum is a serial
 // dependency chain the compiler may not reorder; eight lanes vectorize, and the final
 // combination order is fixed, so the result is deterministic.
-// For float/half/bfloat16 the squares are first summed in float32 over 64 elements (8 lanes x 8
-// steps), then flushed to the double accumulators: float32 multiply-adds are 4 per SSE op instead
-// of 2 with no conversion to double (31 MB fp32, 1 thread on the CI VM: 5.7 -> 5.2 ms, torch.sum
-// 3.5-4.0 ms; the rest is memory).  Eight fp32 additions per flush cost < 1e-6 relative, far below
-// the float32 result's own rounding budget in the tests (and docs/design.md §3 (Op contract) allows
-// fp32 accumulation).
-// bf16/fp16 chunks are widened block by block (convert.h) into a float32 buffer and summed with
-// the float32 instantiation: float(x) is exact, every block but the last is a multiple of 64
-// elements, and the lane of a tail element is its index within the chunk mod 8 as before, so
-// the result is bit for bit that of summing the 16-bit elements directly.
+// For float/half/bfloat16 the products are first summed in float32 over 64 elements (8 lanes x 8
+// steps), then flushed to the double accumulators: 8 float32 lanes are one AVX register (vec.h,
+// W = 8) or a plain lane loop (W = 1), the same operations in the same order either way, and no
+// conversion to double per element.  Eight fp32 additions per flush cost < 1e-6 relative, far
+// below the float32 result's own rounding budget in the tests (docs/design.md §3 (Op contract)
+// allows fp32 accumulation).  Tails shorter than 64 elements accumulate in double, lane i mod 8.
+// bf16/fp16 chunks are widened block by block (convert.h) into float32 buffers first: float(x)
+// is exact and every block but the last is a multiple of 64 elements, so the result is bit for
+// bit that of summing the 16-bit elements directly.
 constexpr int64_t kWidenBlock = 2048;  // elements per float32 buffer (8 KiB): a multiple of 64
 
 inline double combine8(const double acc[8]) {
@@ -81,79 +72,114 @@ inline double combine8(const double acc[8]) {
 
 // Adds the squares of x[0..n) into the eight lanes (n a multiple of 64 unless it is a chunk's
 // last block).
-template <typename T>
-void sumsq_into(const T* __restrict__ x, int64_t n, double acc[8]) {
+template <int W>
+FUSED_ADV_INLINE void sumsq_into(const float* __restrict__ x, int64_t n, double acc[8]) {
+  constexpr int R = 8 / W;  // vectors per 8 lanes
   int64_t i = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; i + 64 <= n; i += 64) {
-      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int s = 0; s < 64; s += 8) {
-        for (int k = 0; k < 8; ++k) {
-          const float v = static_cast<float>(x[i + s + k]);
-          f[k] += v * v;
-        }
+  for (; i + 64 <= n; i += 64) {
+    vec::vf<W> f[R];
+    for (int r = 0; r < R; ++r) f[r] = vec::splat<W>(0.f);
+    for (int s = 0; s < 64; s += 8) {
+      for (int r = 0; r < R; ++r) {
+        const vec::vf<W> v = vec::load<W>(x + i + s + r * W);
+        f[r] += v * v;
       }
-      for (int k = 0; k < 8; ++k) acc[k] += f[k];
     }
-  }
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) {
-      const double v = up64(x[i + k]);
-      acc[k] += v * v;
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < W; ++k) acc[r * W + k] += vec::lane<W>(f[r], k);
     }
   }
   for (; i < n; ++i) {
-    const double v = up64(x[i]);
+    const double v = x[i];
     acc[i & 7] += v * v;
   }
 }
 
-template <typename T>
-double chunk_sumsq(const T* __restrict__ x, int64_t n) {
+// The double path: every product and sum in double, lane i mod 8.
+inline void sumsq_into_f64(const double* __restrict__ x, int64_t n, double acc[8]) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += x[i + k] * x[i + k];
+  }
+  for (; i < n; ++i) acc[i & 7] += x[i] * x[i];
+}
+
+template <int W, typename T>
+FUSED_ADV_INLINE double chunk_sumsq(const T* __restrict__ x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (is_low_precision_v<T>) {
+  if constexpr (std::is_same_v<T, double>) {
+    sumsq_into_f64(x, n, acc);
+  } else if constexpr (std::is_same_v<T, float>) {
+    sumsq_into<W>(x, n, acc);
+  } else {
     alignas(64) float buf[kWidenBlock];
     for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
       const int64_t m = std::min(kWidenBlock, n - j0);
       to_float(x + j0, buf, m);
-      sumsq_into(static_cast<const float*>(buf), m, acc);
+      sumsq_into<W>(static_cast<const float*>(buf), m, acc);
     }
-  } else {
-    sumsq_into(x, n, acc);
   }
   return combine8(acc);
 }
 
-// (||G||^2, <P-B, G>, ||P-B||^2) over one chunk; d = P - B is formed in double (exact for
-// every input dtype but double itself, where it is rounded once).
-// (Lanes of four: bf16/fp16 blocks are widened as in chunk_sumsq, block sizes multiples of 4.)
-template <typename T>
-void pgd_stats_into(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b, int64_t n,
-                    double gg[4], double dg[4], double dd[4]) {
+// (||G||^2, <P-B, G>, ||P-B||^2) over one chunk.  float32 path: d = P - B and the products in
+// float32, summed over 64 elements in 8 float32 lanes per statistic, flushed to double lanes (as
+// sumsq_into); tails and the double path: d and the products in double.
+template <int W>
+FUSED_ADV_INLINE void pgd_stats_into(const float* __restrict__ p, const float* __restrict__ g,
+                                     const float* __restrict__ b, int64_t n, double gg[8], double dg[8],
+                                     double dd[8]) {
+  constexpr int R = 8 / W;
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int k = 0; k < 4; ++k) {
-      const double gv = up64(g[i + k]);
-      const double d = up64(p[i + k]) - up64(b[i + k]);
-      gg[k] += gv * gv;
-      dg[k] += d * gv;
-      dd[k] += d * d;
+  for (; i + 64 <= n; i += 64) {
+    vec::vf<W> fgg[R], fdg[R], fdd[R];
+    for (int r = 0; r < R; ++r) fgg[r] = fdg[r] = fdd[r] = vec::splat<W>(0.f);
+    for (int s = 0; s < 64; s += 8) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = i + s + r * W;
+        const vec::vf<W> gv = vec::load<W>(g + j);
+        const vec::vf<W> d = vec::load<W>(p + j) - vec::load<W>(b + j);
+        fgg[r] += gv * gv;
+        fdg[r] += d * gv;
+        fdd[r] += d * d;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < W; ++k) {
+        gg[r * W + k] += vec::lane<W>(fgg[r], k);
+        dg[r * W + k] += vec::lane<W>(fdg[r], k);
+        dd[r * W + k] += vec::lane<W>(fdd[r], k);
+      }
     }
   }
   for (; i < n; ++i) {
-    const double gv = up64(g[i]);
-    const double d = up64(p[i]) - up64(b[i]);
-    gg[i & 3] += gv * gv;
-    dg[i & 3] += d * gv;
-    dd[i & 3] += d * d;
+    const double gv = g[i];
+    const double d = static_cast<double>(p[i]) - static_cast<double>(b[i]);
+    gg[i & 7] += gv * gv;
+    dg[i & 7] += d * gv;
+    dd[i & 7] += d * d;
   }
 }
 
-template <typename T>
-void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b,
-                     int64_t n, double out[3]) {
-  double gg[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, dd[4] = {0, 0, 0, 0};
-  if constexpr (is_low_precision_v<T>) {
+inline void pgd_stats_into_f64(const double* __restrict__ p, const double* __restrict__ g,
+                               const double* __restrict__ b, int64_t n, double gg[8], double dg[8], double dd[8]) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = p[i] - b[i];
+    gg[i & 7] += g[i] * g[i];
+    dg[i & 7] += d * g[i];
+    dd[i & 7] += d * d;
+  }
+}
+
+template <int W, typename T>
+FUSED_ADV_INLINE void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b,
+                                      int64_t n, double out[3]) {
+  double gg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dd[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if constexpr (std::is_same_v<T, double>) {
+    pgd_stats_into_f64(p, g, b, n, gg, dg, dd);
+  } else if constexpr (std::is_same_v<T, float>) {
+    pgd_stats_into<W>(p, g, b, n, gg, dg, dd);
+  } else {
     constexpr int64_t kB = kWidenBlock / 2;
     alignas(64) float pf[kB], gf[kB], bf[kB];
     for (int64_t j0 = 0; j0 < n; j0 += kB) {
@@ -161,15 +187,13 @@ void chunk_pgd_stats(const T* __restrict__ p, const T* __restrict__ g, const T* 
       to_float(p + j0, pf, m);
       to_float(g + j0, gf, m);
       to_float(b + j0, bf, m);
-      pgd_stats_into(static_cast<const float*>(pf), static_cast<const float*>(gf), static_cast<const float*>(bf), m,
-                     gg, dg, dd);
+      pgd_stats_into<W>(static_cast<const float*>(pf), static_cast<const float*>(gf), static_cast<const float*>(bf),
+                        m, gg, dg, dd);
     }
-  } else {
-    pgd_stats_into(p, g, b, n, gg, dg, dd);
   }
-  out[0] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
-  out[1] = (dg[0] + dg[1]) + (dg[2] + dg[3]);
-  out[2] = (dd[0] + dd[1]) + (dd[2] + dd[3]);
+  out[0] = combine8(gg);
+  out[1] = combine8(dg);
+  out[2] = combine8(dd);
 }
 
 // Sums each tensor's chunk partials (stride `width`, column `col`) in chunk order.
@@ -192,7 +216,7 @@ at::Tensor multi_tensor_sumsq_cpu(at::TensorList tensors) {
     dispatch_float(tensors[ch.tensor].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       const T* x = tensors[ch.tensor].template const_data_ptr<T>() + ch.begin;
-      partials[c] = chunk_sumsq(x, ch.end - ch.begin);
+      vec::with_width([&](auto w) { partials[c] = chunk_sumsq<decltype(w)::value>(x, ch.end - ch.begin); });
     });
   });
   at::Tensor out = at::empty({static_cast<int64_t>(tensors.size())}, at::TensorOptions().dtype(at::kFloat));
@@ -211,11 +235,12 @@ at::Tensor pgd_reduce_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       const T* g = grads[ch.tensor].template const_data_ptr<T>() + ch.begin;
       double* out = &partials[c * 3];
       if (first) {  // d = 0: backups are not read (they may not hold anything yet)
-        out[0] = chunk_sumsq(g, n);
+        vec::with_width([&](auto w) { out[0] = chunk_sumsq<decltype(w)::value>(g, n); });
         out[1] = out[2] = 0;
       } else {
-        chunk_pgd_stats(params[ch.tensor].template const_data_ptr<T>() + ch.begin, g,
-                        backups[ch.tensor].template const_data_ptr<T>() + ch.begin, n, out);
+        const T* p = params[ch.tensor].template const_data_ptr<T>() + ch.begin;
+        const T* b = backups[ch.tensor].template const_data_ptr<T>() + ch.begin;
+        vec::with_width([&](auto w) { chunk_pgd_stats<decltype(w)::value>(p, g, b, n, out); });
       }
     });
   });
@@ -266,7 +291,7 @@ inline void copy_chunk(const at::Tensor& dst, const at::Tensor& src, const Chunk
 }
 
 // True if the 64 bytes at a and b differ in any bit (integer compare: NaN payloads, -0 count).
-inline bool line_differs(const void* a, const void* b) {
+FUSED_ADV_INLINE bool line_differs(const void* a, const void* b) {
 #if defined(__SSE2__)
   const char* x = static_cast<const char*>(a);
   const char* y = static_cast<const char*>(b);
@@ -303,16 +328,14 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
   return static_cast<T*>(t.data_ptr()) + ch.begin;
 }
 
-// p[j] <- op(p[j], g[j], b[j]) over one chunk, storing a 64-byte line only when some bit of it
-// changes.  Why: on an embedding, the rows of tokens absent from the batch have G = 0 and come out
-// of every step bit for bit unchanged; not storing them leaves their cache lines clean (no write
-// back), and restore_ then finds them equal too.  Results are exactly those of storing every
-// element.  Without USE_B, op gets p in b's place and b is not read.
-// The new values are computed 2 KiB at a time into a stack buffer (a plain loop the compiler
-// vectorizes), then compared and stored line by line.
+// The update passes store a 64-byte line only when some bit of it changes.  Why: on an embedding,
+// the rows of tokens absent from the batch have G = 0 and come out of every step bit for bit
+// unchanged; not storing them leaves their cache lines clean (no write back), and restore_ then
+// finds them equal too.  Results are exactly those of storing every element.  The new values
+// are computed a block at a time into a stack buffer, then compared and stored line by line.
 // p[0..m) <- nv[0..m), storing only the 64-byte lines in which some bit changes.
 template <typename T>
-inline void store_changed_lines(T* p, const T* nv, int m) {
+FUSED_ADV_INLINE void store_changed_lines(T* p, const T* nv, int m) {
   constexpr int L = 64 / static_cast<int>(sizeof(T));  // elements per 64-byte line
   int k = 0;
   for (; k + L <= m; k += L) {
@@ -321,43 +344,69 @@ inline void store_changed_lines(T* p, const T* nv, int m) {
   if (k < m) std::memcpy(p + k, nv + k, static_cast<size_t>(m - k) * sizeof(T));
 }
 
-template <bool USE_B, typename T, typename Op>
-inline void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, const Op& op) {
-  constexpr int BUF = 2048 / static_cast<int>(sizeof(T));
-  alignas(64) T nv[BUF];
+// The double path: op(p, g, b) -> new value per element (csrc/common's step, in double), computed
+// 2 KiB at a time into a stack buffer, then compared and stored line by line.  Without USE_B, op
+// gets p in b's place and b is not read.
+template <bool USE_B, typename Op>
+inline void update_lines_f64(double* p, const double* __restrict__ g, const double* b, int64_t n, const Op& op) {
+  constexpr int BUF = 256;
+  alignas(64) double nv[BUF];
   for (int64_t j0 = 0; j0 < n; j0 += BUF) {
     const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
     {  // restrict-qualified views only while nothing is written through p
-      const T* __restrict__ pj = p + j0;
-      const T* __restrict__ gj = g + j0;
-      const T* __restrict__ bj = (USE_B ? b : p) + j0;
+      const double* __restrict__ pj = p + j0;
+      const double* __restrict__ gj = g + j0;
+      const double* __restrict__ bj = (USE_B ? b : p) + j0;
       for (int k = 0; k < m; ++k) nv[k] = op(pj[k], gj[k], bj[k]);
     }
     store_changed_lines(p + j0, nv, m);
   }
 }
 
-// update_lines for bf16/fp16: the block's P, G (and B) are widened into float32 buffers
-// (convert.h, vectorised), block_op(pf, gf, bf, m) overwrites pf with the new values in float32
-// (a plain float loop the compiler vectorises), and from_float rounds them once to T, as the
-// element step's final static_cast<T> would: the stored bits are those of update_lines with the
-// T-typed step.  Converting element by element instead made a bf16 pass slower than the fp32
-// pass over twice the bytes.
-template <bool USE_B, typename T, typename BlockOp>
-inline void update_lines_lowp(T* p, const T* __restrict__ g, const T* b, int64_t n, const BlockOp& block_op) {
+// The float32 / bf16 / fp16 path, 1024 elements at a time: block_op(w, out, p, g, b, m)
+// (w: std::integral_constant<int, W>) writes the block's new values into a stack buffer, which
+// is then stored where a line changes.  For float32 and bf16 lanes (vec.h kInRegister), and for
+// every type on the scalar path, block_op reads P, G (and B) and writes T elements itself; for
+// fp16 lanes it works on float32 buffers widened by convert.h (F16C, out of line), and from_float
+// rounds its results once to T.  Either way the stored bits are those of csrc/common's element
+// steps on T.
+template <int W, bool USE_B, typename T, typename BlockOp>
+FUSED_ADV_INLINE void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, const BlockOp& block_op) {
   constexpr int BUF = 1024;
-  alignas(64) float pf[BUF], gf[BUF], bf[BUF];
+  constexpr bool kDirect = W == 1 || vec::kInRegister<T>;
+  constexpr std::integral_constant<int, W> w{};
   alignas(64) T nv[BUF];
+  [[maybe_unused]] alignas(64) float pf[kDirect ? 1 : BUF], gf[kDirect ? 1 : BUF], out[kDirect ? 1 : BUF];
+  [[maybe_unused]] alignas(64) float bf[kDirect || !USE_B ? 1 : BUF];
   for (int64_t j0 = 0; j0 < n; j0 += BUF) {
     const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
-    to_float(p + j0, pf, m);
-    to_float(g + j0, gf, m);
-    if (USE_B) to_float(b + j0, bf, m);
-    block_op(pf, static_cast<const float*>(gf), bf, m);
-    from_float(pf, nv, m);
-    store_changed_lines(p + j0, nv, m);
+    if constexpr (kDirect) {
+      block_op(w, nv, static_cast<const T*>(p + j0), g + j0, USE_B ? b + j0 : nullptr, m);
+    } else {
+      to_float(p + j0, pf, m);
+      to_float(g + j0, gf, m);
+      if constexpr (USE_B) to_float(b + j0, bf, m);
+      block_op(w, out, static_cast<const float*>(pf), static_cast<const float*>(gf), static_cast<const float*>(bf), m);
+      from_float(out, nv, m);
+    }
+    store_changed_lines(p + j0, static_cast<const T*>(nv), m);
   }
 }
+
+// Runs the element update of one chunk: double through update_lines_f64 with the element step
+// of csrc/common, every other dtype through update_lines at the width vec.h picks.
+template <bool USE_B, typename T, typename F64Op, typename BlockOp>
+inline void update_chunk(T* p, const T* g, const T* b, int64_t n, const F64Op& f64_op, const BlockOp& block_op) {
+  if constexpr (std::is_same_v<T, double>) {
+    update_lines_f64<USE_B>(p, g, b, n, f64_op);
+  } else {
+    vec::with_width([&](auto w) { update_lines<decltype(w)::value, USE_B>(p, g, b, n, block_op); });
+  }
+}
+
+// ---- the ops -----------------------------------------------------------------------------
+// Each block op states one method's element step twice: as W-lane vector code (vec.h) and as
+// csrc/common's element function on float32 for W = 1 and the tails; the two agree bit for bit.
 
 void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      const at::Tensor& grad_sumsq, double epsilon, bool write_backup) {
@@ -374,18 +423,16 @@ void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     if (!fac[i].ok) return;
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      T* p = ptr<T>(params[i], ch);
-      const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const opmath_t<T> c = static_cast<opmath_t<T>>(fac[i].c);
       // n = +inf passes the guard: c = 0, so finite entries add 0 and inf entries give NaN.
-      if constexpr (is_low_precision_v<T>) {
-        update_lines_lowp<false>(p, g, p, ch.end - ch.begin,
-                                 [c](float* __restrict__ pf, const float* __restrict__ gf, float*, int m) {
-                                   for (int k = 0; k < m; ++k) pf[k] = fgm_step<float>(pf[k], gf[k], c);
-                                 });
-      } else {
-        update_lines<false>(p, g, p, ch.end - ch.begin, [c](T pv, T gv, T) { return fgm_step(pv, gv, c); });
-      }
+      const float c = fac[i].c;
+      update_chunk<false>(
+          ptr<T>(params[i], ch), ptr<T>(grads[i], ch), static_cast<const T*>(nullptr), ch.end - ch.begin,
+          [c](double pv, double gv, double) { return fgm_step(pv, gv, static_cast<double>(c)); },
+          [c](auto w, auto* out, const auto* pj, const auto* gj, const auto*, int m) {
+            vec::map<decltype(w)::value>(
+                m, out, [c](auto pv, auto gv) { return pv + gv * c; },
+                [c](auto pv, auto gv) { return fgm_step(pv, gv, c); }, pj, gj);
+          });
     });
   });
 }
@@ -399,17 +446,15 @@ void fgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     if (write_backup) copy_chunk(backups[i], params[i], ch);
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      T* p = ptr<T>(params[i], ch);
-      const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const opmath_t<T> eps = static_cast<opmath_t<T>>(epsilon);
-      if constexpr (is_low_precision_v<T>) {
-        update_lines_lowp<false>(p, g, p, ch.end - ch.begin,
-                                 [eps](float* __restrict__ pf, const float* __restrict__ gf, float*, int m) {
-                                   for (int k = 0; k < m; ++k) pf[k] = fgsm_step<float>(pf[k], gf[k], eps);
-                                 });
-      } else {
-        update_lines<false>(p, g, p, ch.end - ch.begin, [eps](T pv, T gv, T) { return fgsm_step(pv, gv, eps); });
-      }
+      const float eps = static_cast<float>(epsilon);
+      update_chunk<false>(
+          ptr<T>(params[i], ch), ptr<T>(grads[i], ch), static_cast<const T*>(nullptr), ch.end - ch.begin,
+          [epsilon](double pv, double gv, double) { return fgsm_step(pv, gv, epsilon); },
+          [eps](auto w, auto* out, const auto* pj, const auto* gj, const auto*, int m) {
+            vec::map<decltype(w)::value>(
+                m, out, [eps](auto pv, auto gv) { return pv + eps * vec::sign_of(gv); },
+                [eps](auto pv, auto gv) { return fgsm_step(pv, gv, eps); }, pj, gj);
+          });
     });
   });
 }
@@ -432,23 +477,61 @@ void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     if (!fac[i].ok) return;  // skipped: P bit for bit, no projection this step
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      using M = opmath_t<T>;
-      T* p = ptr<T>(params[i], ch);
-      const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const T* __restrict__ b = ptr<T>(backups[i], ch);
-      const M c = static_cast<M>(fac[i].c), s = static_cast<M>(fac[i].s);
-      if constexpr (is_low_precision_v<T>) {
-        update_lines_lowp<true>(
-            p, g, b, ch.end - ch.begin,
-            [c, s](float* __restrict__ pf, const float* __restrict__ gf, float* __restrict__ bf, int m) {
-              for (int k = 0; k < m; ++k) pf[k] = pgd_step<float>(pf[k], gf[k], bf[k], c, s);
-            });
-      } else {
-        update_lines<true>(p, g, b, ch.end - ch.begin, [c, s](T pv, T gv, T bv) { return pgd_step(pv, gv, bv, c, s); });
-      }
+      const float c = fac[i].c, s = fac[i].s;
+      update_chunk<true>(
+          ptr<T>(params[i], ch), ptr<T>(grads[i], ch), ptr<T>(backups[i], ch), ch.end - ch.begin,
+          [c, s](double pv, double gv, double bv) {
+            return pgd_step(pv, gv, bv, static_cast<double>(c), static_cast<double>(s));
+          },
+          [c, s](auto w, auto* out, const auto* pj, const auto* gj, const auto* bj, int m) {
+            vec::map<decltype(w)::value>(
+                m, out, [c, s](auto pv, auto gv, auto bv) { return bv + s * ((pv - bv) + c * gv); },
+                [c, s](auto pv, auto gv, auto bv) { return pgd_step(pv, gv, bv, c, s); }, pj, gj, bj);
+          });
     });
   });
 }
+
+// AWP's block op.  The box is computed in T's precision, each stage rounded to T (the reference
+// computes it in P's dtype): e = adv_eps*|B|, lo = B - e, hi = B + e, then the clamped step.  On
+// T's own elements (float32 / bf16 lanes, and the scalar path) that is one pass, the roundings in
+// registers (vec::round_to: the identity for float32); on fp16's float32 buffers the stages are
+// separate passes with convert.h's round_through between them.
+template <typename T>
+struct AwpBlock {
+  float c, ae;
+  template <typename Wc, typename Out, typename In>
+  FUSED_ADV_INLINE void operator()(Wc, Out* out, const In* pj, const In* gj, const In* bj, int m) const {
+    constexpr int W = Wc::value;
+    const float c_ = c, ae_ = ae;
+    if constexpr (std::is_same_v<In, T>) {
+      vec::map<W>(
+          m, out,
+          [c_, ae_](auto pv, auto gv, auto bv) {
+            const auto e = vec::round_to<T>(ae_ * vec::abs_(bv));
+            const auto lo = vec::round_to<T>(bv - e), hi = vec::round_to<T>(bv + e);
+            return vec::nan_min(vec::nan_max(pv + gv * c_, lo), hi);
+          },
+          [c_, ae_](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c_, ae_); }, pj, gj, bj);
+    } else {
+      alignas(64) float e[1024], lo[1024], hi[1024];
+      vec::map<W>(m, e, [ae_](auto bv) { return ae_ * vec::abs_(bv); }, [ae_](float bv) { return awp_box_e(bv, ae_); },
+                  bj);
+      round_through(static_cast<T*>(nullptr), e, m);
+      const float* ce = e;
+      vec::map<W>(m, lo, [](auto bv, auto ev) { return bv - ev; }, [](float bv, float ev) { return awp_box_lo(bv, ev); },
+                  bj, ce);
+      vec::map<W>(m, hi, [](auto bv, auto ev) { return bv + ev; }, [](float bv, float ev) { return awp_box_hi(bv, ev); },
+                  bj, ce);
+      round_through(static_cast<T*>(nullptr), lo, m);
+      round_through(static_cast<T*>(nullptr), hi, m);
+      const float *clo = lo, *chi = hi;
+      vec::map<W>(
+          m, out, [c_](auto pv, auto gv, auto l, auto h) { return vec::nan_min(vec::nan_max(pv + gv * c_, l), h); },
+          [c_](float pv, float gv, float l, float h) { return awp_clamp(pv, gv, c_, l, h); }, pj, gj, clo, chi);
+    }
+  }
+};
 
 void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      const at::Tensor& grad_sumsq, const at::Tensor& param_sumsq, double adv_lr, double adv_eps,
@@ -467,32 +550,11 @@ void awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     if (!fac[i].ok) return;                            // skipped: no step, no clamp
     dispatch_float(params[i].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      using M = opmath_t<T>;
-      T* p = ptr<T>(params[i], ch);
-      const T* __restrict__ g = ptr<T>(grads[i], ch);
-      const T* __restrict__ b = ptr<T>(backups[i], ch);
-      const M c = static_cast<M>(fac[i].c), ae = static_cast<M>(adv_eps);
-      if constexpr (is_low_precision_v<T>) {
-        // awp_step's stages on float32 buffers, each rounding to T a block conversion: e and the
-        // box (lo in bf's place, hi in its own buffer) in T's precision, then the clamped step.
-        update_lines_lowp<true>(
-            p, g, b, ch.end - ch.begin,
-            [c, ae](float* __restrict__ pf, const float* __restrict__ gf, float* __restrict__ bf, int m) {
-              alignas(64) float e[1024];
-              for (int k = 0; k < m; ++k) e[k] = awp_box_e(bf[k], ae);
-              round_through(static_cast<T*>(nullptr), e, m);
-              for (int k = 0; k < m; ++k) {
-                const float bv = bf[k];
-                bf[k] = awp_box_lo(bv, e[k]);
-                e[k] = awp_box_hi(bv, e[k]);
-              }
-              round_through(static_cast<T*>(nullptr), bf, m);
-              round_through(static_cast<T*>(nullptr), e, m);
-              for (int k = 0; k < m; ++k) pf[k] = awp_clamp(pf[k], gf[k], c, bf[k], e[k]);
-            });
-      } else {
-        update_lines<true>(p, g, b, ch.end - ch.begin, [c, ae](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c, ae); });
-      }
+      const float c = fac[i].c;
+      update_chunk<true>(
+          ptr<T>(params[i], ch), ptr<T>(grads[i], ch), ptr<T>(backups[i], ch), ch.end - ch.begin,
+          [c, adv_eps](double pv, double gv, double bv) { return awp_step(pv, gv, bv, static_cast<double>(c), adv_eps); },
+          AwpBlock<T>{c, static_cast<float>(adv_eps)});
     });
   });
 }
