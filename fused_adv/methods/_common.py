@@ -15,12 +15,18 @@ functions instead of walking ``model.named_parameters()`` themselves).  The cont
   (PGD's clean-gradient set-aside).  May be empty; never raises.
 * :func:`embedding_like_parameters` ``(model)``: names for error messages only.
 
+* :func:`select_params` ``(model, pattern, what=...)``: the parameters of ``select_by_name``
+  without the names, as a list that is the same object step after step while the selection does
+  not change (what the backup pools key on; callers must not mutate it).
+
 FGM/FGSM/PGD use ``select_by_name(model, emb_name, what="emb_name")``; AWP uses
-``select_by_name(model, adv_param, what="adv_param", require_grad=True)``.
+``select_params(model, adv_param, what="adv_param")`` and keeps the entries with a ``.grad``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import weakref
 from typing import Iterable
 
@@ -76,13 +82,13 @@ def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: b
                    ) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters whose name contains ``pattern`` (substring, as the community classes),
     each reached once even when tied (model.named_parameters() dedupes), from a per-model cache
-    that notices a changed model (see _named_matches).
+    that notices a changed model (see _selection).
 
     Raises ValueError naming the embedding-like parameters when no trainable parameter name
     contains ``pattern`` (the community classes silently do nothing then).  With
     ``require_grad``, parameters whose ``.grad`` is None are left out (not an error)."""
     chosen, any_name = [], False
-    for name, p in _named_matches(model, pattern):
+    for name, p in _selection(model, pattern).pairs:
         if not p.requires_grad:
             continue
         any_name = True
@@ -98,10 +104,25 @@ def select_by_name(model: nn.Module, pattern: str, *, what: str, require_grad: b
     return chosen
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def select_params(model: nn.Module, pattern: str, *, what: str) -> list[nn.Parameter]:
+    """The parameters of ``select_by_name(model, pattern, what=what)`` (trainable, name containing
+    ``pattern``, each once, in named_parameters() order), without building (name, parameter) pairs:
+    when every name-matched parameter is trainable, the cached list itself, the same object on
+    every call until the selection changes (read-only: do not mutate it).  Raises what
+    :func:`select_by_name` raises."""
+    params = _selection(model, pattern).params
+    if params and all(map(_REQUIRES_GRAD, params)):
+        return params
+    return [p for _, p in select_by_name(model, pattern, what=what)]
+
+
 def params_with_grad(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` with ``requires_grad`` and a ``.grad`` that is not None, in
     ``model.parameters()`` order (each once, tied or not).  May be empty; raises nothing."""
-    return [p for _, p in _named_matches(model, "") if p.requires_grad and p.grad is not None]
+    return [p for p in _selection(model, "").params if p.requires_grad and p.grad is not None]
 
 
 # ---- the selection cache ---------------------------------------------------------------------
@@ -130,7 +151,22 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_bump_genera
 torch.nn.modules.module.register_module_module_registration_hook(_bump_generation)
 
 
-def _named_matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Parameter]]:
+class _Selection:
+    """The name-matched parameters of one (model, pattern): ``pairs`` (name, parameter), ``params``
+    (the parameters alone) and, for the per-call check, where each one is held (``dicts[i]``, a
+    module's ``_parameters``, under ``attrs[i]``)."""
+    __slots__ = ("generation", "pairs", "params", "dicts", "attrs")
+
+    def __init__(self, generation, pairs, params, dicts, attrs):
+        self.generation, self.pairs, self.params, self.dicts, self.attrs = generation, pairs, params, dicts, attrs
+
+    def holds(self) -> bool:
+        """Every parameter is still what its module holds under its name (a C-level loop:
+        ~0.1 us per parameter)."""
+        return all(map(operator.is_, map(dict.get, self.dicts, self.attrs), self.params))
+
+
+def _selection(model: nn.Module, pattern: str) -> _Selection:
     """(name, parameter) for every parameter of ``model`` whose qualified name contains
     ``pattern``, in named_parameters() order, each once (tied ones under their first name),
     trainable or not: cached (see above), verified on every call."""
@@ -139,11 +175,9 @@ def _named_matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Paramet
     except TypeError:  # not weak-referenceable: no cache
         per_model = None
     entry = per_model.get(pattern) if per_model is not None else None
-    if entry is not None and entry[0] == _GENERATION[0]:
-        _, pairs, slots = entry
-        if all(d.get(attr) is p for d, attr, p in slots):
-            return pairs
-    pairs, slots, cacheable = [], [], True
+    if entry is not None and entry.generation == _GENERATION[0] and entry.holds():
+        return entry
+    pairs, dicts, attrs, cacheable = [], [], [], True
     for name, p in model.named_parameters():
         if pattern in name:
             prefix, _, attr = name.rpartition(".")
@@ -155,13 +189,32 @@ def _named_matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Paramet
             # A model whose named_parameters() does not name where the parameter is held (an
             # override, a wrapper) cannot be verified: it is walked every call, as before.
             cacheable = cacheable and held.get(attr) is p
-            slots.append((held, attr, p))
+            dicts.append(held)
+            attrs.append(attr)
+    entry = _Selection(_GENERATION[0], pairs, [p for _, p in pairs], dicts, attrs)
     if cacheable:
         try:
-            _SELECTIONS.setdefault(model, {})[pattern] = (_GENERATION[0], pairs, slots)
+            _SELECTIONS.setdefault(model, {})[pattern] = entry
         except TypeError:
             pass
-    return pairs
+    return entry
+
+
+def no_grad(fn):
+    """``torch.no_grad()`` as a decorator for the per-step methods, at a tenth of its cost (the
+    context-manager decorator clones a no_grad object and enters it: ~4 us per call, several
+    calls per step; docs/design.md §7 (Targets)).  Same effect: grad mode off inside, the
+    previous mode back afterwards, also when ``fn`` raises.  Plain functions only (not
+    generators or context managers)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(prev)
+    return wrapper
 
 
 class BackupPool:
@@ -172,6 +225,7 @@ class BackupPool:
 
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}
+        self._last: tuple[list, list] | None = None  # (params list, its backups): see reuse()
 
     def get(self, params: Iterable[torch.Tensor], like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """One contiguous backup buffer per parameter (same shape, dtype, device; contents
@@ -185,7 +239,19 @@ class BackupPool:
                 b = torch.empty_like(t, memory_format=torch.contiguous_format).detach()
                 self._buffers[id(p)] = b
             out.append(b)
+        self._last = (params, out) if isinstance(params, list) and (like is None or like is params) else None
         return out
+
+    def reuse(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The list the last :meth:`get` returned when it was given this very list object (the
+        cached selection of :func:`select_params`) as the parameters and as their pieces, else
+        None.  NOT re-checked against the parameters (that check is ~1 us per parameter, most
+        of a 400-parameter step): a caller must hand the result to an op that checks every
+        backup against its parameter before writing anything (every weight op does: the
+        kernels in csrc/common/checks.h, the Python wrappers for the other backends), and call
+        :meth:`get` and retry when that op refuses (a parameter changed dtype, device or shape)."""
+        last = self._last
+        return last[1] if last is not None and last[0] is params else None
 
     def restore(self, pairs: list[tuple[nn.Parameter, torch.Tensor]], backend: str, mode: str,
                 pieces: list[torch.Tensor] | None = None) -> None:
@@ -198,6 +264,7 @@ class BackupPool:
         optimizers and FSDP/DeepSpeed views, CUDA graphs, compiled code guarding on addresses.
         """
         if mode == "swap":
+            self._last = None  # the buffers change hands: a reused list would name the parameters' storage
             for p, b in pairs:
                 perturbed = p.data
                 p.data = b
@@ -214,19 +281,41 @@ class BackupPool:
     def clear(self) -> None:
         """Drops every buffer (the next ``get`` allocates again)."""
         self._buffers.clear()
+        self._last = None
+
+
+class Attacked:
+    """What an attack backed up: ``backups[i]`` holds the weights of ``params[i]`` (two lists, so
+    that restore() hands them to the op as they are instead of rebuilding them from pairs: ~50 us
+    per step on 400 parameters).  Iterates, indexes and measures as the list of (param, backup)
+    pairs the methods kept before."""
+    __slots__ = ("params", "backups")
+
+    def __init__(self, params: list, backups: list):
+        self.params, self.backups = params, backups
+
+    def __iter__(self):
+        return zip(self.params, self.backups)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.params[i], self.backups[i]
 
 
 class Perturbation:
     """What the drop-in classes share: the attacked state, restore, ``perturbed()`` and memory.
 
     Subclasses set ``self._pool`` (a BackupPool), ``self.backend``, ``self.restore_mode`` and
-    ``self._attacked`` (list of (param, backup) while attacked, else None), and define
+    ``self._attacked`` (an :class:`Attacked`, or a list of (param, backup), while attacked, else
+    None; set it only once the backups hold the weights), and define
     ``attack(**kwargs)``; ``_attack_defaults`` lets them fill in keyword defaults for
     ``perturbed()``."""
 
-    _attacked: list | None = None
+    _attacked: "Attacked | list | None" = None
 
-    @torch.no_grad()
+    @no_grad
     def restore(self, *_args, **_kwargs) -> None:
         """Puts the backed-up weights back bit for bit: every attacked parameter gets its backup
         (arguments are accepted for drop-in compatibility with ``restore(emb_name=...)`` and
@@ -236,12 +325,19 @@ class Perturbation:
         ``'swap'``: ``param.data`` is re-pointed at the backup (no copy; the old storage becomes
         the next backup).  ``.grad`` is not touched.  Raises AttackStateError when nothing is
         attacked (restore without attack, or twice)."""
-        if self._attacked is None:
+        attacked = self._attacked
+        if attacked is None:
             raise AttackStateError(f"{type(self).__name__}.restore() called without a prior attack")
-        pieces = None
         if self.restore_mode == "copy":
-            pieces = self._sharding().pieces([p for p, _ in self._attacked])
-        self._pool.restore(self._attacked, self.backend, self.restore_mode, pieces)
+            params = attacked.params if isinstance(attacked, Attacked) else [p for p, _ in attacked]
+            pieces = self._sharding().pieces(params)
+            if pieces is params:  # unsharded: the parameters themselves, the lists as the attack made them
+                ops.restore_(params, attacked.backups if isinstance(attacked, Attacked) else [b for _, b in attacked],
+                             backend=self.backend)
+            else:
+                self._pool.restore(attacked, self.backend, "copy", pieces)
+        else:
+            self._pool.restore(attacked, self.backend, self.restore_mode)
         self._attacked = None
 
     _layout: ShardingLayout | None = None
@@ -267,12 +363,14 @@ class Perturbation:
     def _localize(self, params, grads, names=None) -> Localized:
         """Local pieces + reduction plan (docs/methods.md §12 (Sharded training))."""
         loc = self._sharding().localize(params, grads, names=names)
-        if self._deepspeed() is not None and self.restore_mode == "swap":
+        if self.restore_mode != "swap":
+            return loc
+        if self._deepspeed() is not None:
             raise ShardingError(
                 f"{type(self).__name__}(restore_mode='swap') re-points param.data, which would cut the weights off "
                 f"the DeepSpeed ZeRO-{self._deepspeed().stage} engine's flat buffers / partitions; use "
                 "restore_mode='copy' (the default) under DeepSpeed")
-        if loc.sharded and self.restore_mode == "swap":
+        if loc.sharded:
             raise ShardingError(
                 f"{type(self).__name__}(restore_mode='swap') re-points param.data, which would cut a sharded "
                 "parameter off its shard storage (FSDP flat shard / DTensor local tensor); use "

@@ -16,8 +16,8 @@ from torch import nn
 
 from fused_adv import ops
 from fused_adv._shared import awp_adversarial_pass
-from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       no_gradient_error, select_by_name)
+from fused_adv.methods._common import (AttackStateError, Attacked, BackupPool, Perturbation, check_restore_mode,
+                                       no_grad, no_gradient_error, select_params)
 from fused_adv.sharding_deepspeed import is_engine
 
 
@@ -95,7 +95,7 @@ class AWP(Perturbation):
         return None if adv_loss is None else adv_loss.detach()
 
     # -- building blocks -----------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def attack_step(self, first: bool = True) -> None:
         """One perturbation step, in place: ``P += adv_lr * G/(||G||+e) * (||P||+e)`` (skipped on the
         device when ||G|| is 0 or NaN), clamped to the box ``B -+ adv_eps*|B|`` around the backup.
@@ -105,14 +105,15 @@ class AWP(Perturbation):
         them up into the pool; later steps reuse that selection and skip parameters whose
         ``.grad`` is None now.  Parameters of any float dtype; ``.grad`` is read, not changed.
         Raises AttackStateError for ``first=True`` while attacked or ``first=False`` before a
-        first step, ValueError when ``adv_param`` matches no trainable parameter."""
+        first step, ValueError when ``adv_param`` matches no trainable parameter; when a step
+        raises, nothing has moved (on a first step nothing is attacked either)."""
         if first:
             if self._attacked is not None:
                 raise AttackStateError("AWP.attack_step(first=True) called again before restore()")
             self._sharding()
             # Selected without the grad filter: under FSDP1 .grad is None on ranks that hold none
             # of a parameter, and every rank must see the same slots.
-            self._slots = [p for _, p in select_by_name(self.model, self.adv_param, what="adv_param")]
+            self._slots = select_params(self.model, self.adv_param, what="adv_param")
             grads = [p.grad for p in self._slots]
         elif self._attacked is None:
             raise AttackStateError("AWP.attack_step(first=False) before attack_step(first=True)")
@@ -122,18 +123,38 @@ class AWP(Perturbation):
             saved = {id(p) for p, _ in self._attacked}
             grads = [p.grad if id(p) in saved else None for p in self._slots]
         loc = self._localize(self._slots, grads)
-        if first:
-            if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
-                raise no_gradient_error("AWP", "adv_param", self.adv_param)
-            chosen = [self._slots[i] for i in loc.live]
-            self._attacked = list(zip(chosen, self._pool.get(chosen, like=loc.params)))
+        if first and not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
+            raise no_gradient_error("AWP", "adv_param", self.adv_param)
         if not (loc.live or loc.sharded):
             return
-        known = {id(p): b for p, b in self._attacked}
-        backups = [known[id(self._slots[i])] for i in loc.live]
         n = len(loc.params)
         sumsq = ops.multi_tensor_sumsq(loc.grads + loc.params, backend=self.backend)  # one launch, 2N norms
         sumsq = loc.reduce(sumsq.view(2, n), dim=1)
+        if not first:
+            known = {id(p): b for p, b in self._attacked}
+            backups = [known[id(self._slots[i])] for i in loc.live]
+            self._perturb(loc, backups, sumsq, False)
+            return
+        all_live = loc.params is self._slots  # unsharded, every slot live: the cached selection itself
+        chosen = self._slots if all_live else [self._slots[i] for i in loc.live]
+        backups = self._pool.reuse(chosen) if all_live else None
+        if backups is None:
+            backups = self._pool.get(chosen, like=loc.params)
+            self._perturb(loc, backups, sumsq, True)
+        else:
+            try:
+                self._perturb(loc, backups, sumsq, True)
+            except ValueError:
+                # The reused backups were not re-checked (BackupPool.reuse): a parameter changed
+                # dtype, device or shape since the last step.  The op refused before writing;
+                # re-check (reallocating what changed) and step again (raising a real error).
+                backups = self._pool.get(chosen, like=loc.params)
+                self._perturb(loc, backups, sumsq, True)
+        # Marked attacked only now that the backups hold the weights: a step that raised has
+        # moved nothing, and a restore from unwritten backups would overwrite the weights.
+        self._attacked = Attacked(chosen, backups)
+
+    def _perturb(self, loc, backups, sumsq, first: bool) -> None:
         ops.awp_perturb_(loc.params, loc.grads, backups, sumsq[0], sumsq[1], self.adv_lr, self.adv_eps, first,
                          backend=self.backend)
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fused_adv import ops
-from fused_adv.methods._common import (AttackStateError, BackupPool, Perturbation, check_restore_mode, data_of,
-                                       no_gradient_error, select_by_name)
+from fused_adv.methods._common import (AttackStateError, Attacked, BackupPool, Perturbation, check_restore_mode,
+                                       no_grad, no_gradient_error, select_by_name)
 
 
 class FGM(Perturbation):
@@ -45,7 +45,7 @@ class FGM(Perturbation):
         sumsq = loc.reduce(ops.multi_tensor_sumsq(loc.grads, backend=self.backend))
         ops.fgm_perturb_(loc.params, loc.grads, backups, sumsq, epsilon, True, backend=self.backend)
 
-    @torch.no_grad()
+    @no_grad
     def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
         """Backs up, then perturbs in place, every trainable parameter whose name contains
         ``emb_name`` (:func:`fused_adv.methods._common.select_by_name`; tied weights once).
@@ -71,14 +71,16 @@ class FGM(Perturbation):
         if not loc.live and not loc.sharded:  # sharded: a rank may hold no piece; ZeRO checks its own state
             raise no_gradient_error(type(self).__name__, "emb_name", pattern)
         backups = self._pool.get(chosen, like=loc.locals)
-        live = set(loc.live)
-        # Parameters without a grad are backed up (restore is uniform) but not moved.
-        for i, piece in enumerate(loc.locals):
-            if i not in live:
-                backups[i].copy_(piece)
+        all_live = len(loc.live) == len(chosen)
+        if not all_live:
+            live = set(loc.live)
+            # Parameters without a grad are backed up (restore is uniform) but not moved.
+            for i, piece in enumerate(loc.locals):
+                if i not in live:
+                    backups[i].copy_(piece)
         if loc.live or loc.sharded:  # every rank joins the collectives, also with nothing local
-            self._perturb(loc, [backups[i] for i in loc.live], epsilon)
-        self._attacked = list(zip(chosen, backups))
+            self._perturb(loc, backups if all_live else [backups[i] for i in loc.live], epsilon)
+        self._attacked = Attacked(chosen, backups)
         ds = self._deepspeed()
         if ds is not None and not ds.accumulates:
             # ZeRO-1/2: the adversarial engine.backward REPLACES the gradients; keep the clean ones
@@ -86,7 +88,7 @@ class FGM(Perturbation):
             self._clean = ds.store.copy()
             ds.store.zero()
 
-    @torch.no_grad()
+    @no_grad
     def restore(self, *_args, **_kwargs) -> None:
         """Puts the backed-up weights back bit for bit (:meth:`Perturbation.restore`).  Under
         DeepSpeed ZeRO-1/2, whose ``engine.backward`` replaces the gradients instead of adding to
