@@ -13,12 +13,12 @@
 #include "common/sam_math.h"
 #include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/vec.h"
 
 namespace fused_adv {
 namespace cpu {
 namespace {
 
-using common::opmath_t;
 using common::sam_scale;
 using common::sam_step;
 using common::sam_term;
@@ -29,45 +29,64 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
 }
 
 // Sum of sam_term^2 over one chunk: eight lanes of float32 partials over 64 elements flushed to
-// double (vectorizes; fixed combination order), double throughout for double tensors.
-// bf16/fp16 chunks go through float32 buffers (convert.h): blocks of a multiple of 64 elements
-// summed by the float instantiation give the same lanes, hence the same bits.
-template <bool ADAPTIVE, typename T>
-void sam_sumsq_into(const T* __restrict__ p, const T* __restrict__ g, int64_t n, double acc[8]) {
+// double (one AVX register or a lane loop: vec.h; fixed combination order), double throughout
+// for double tensors.  bf16/fp16 chunks go through float32 buffers (convert.h): blocks of a
+// multiple of 64 elements summed by the float path give the same lanes, hence the same bits.
+template <int W, bool ADAPTIVE>
+FUSED_ADV_INLINE void sam_sumsq_into(const float* __restrict__ p, const float* __restrict__ g, int64_t n,
+                                     double acc[8]) {
+  constexpr int R = 8 / W;
   int64_t i = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; i + 64 <= n; i += 64) {
-      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int s = 0; s < 64; s += 8) {
-        for (int k = 0; k < 8; ++k) {
-          const float v = sam_term<ADAPTIVE, T>(ADAPTIVE ? p[i + s + k] : T(0), g[i + s + k]);
-          f[k] += v * v;
+  for (; i + 64 <= n; i += 64) {
+    vec::vf<W> f[R];
+    for (int r = 0; r < R; ++r) f[r] = vec::splat<W>(0.f);
+    for (int s = 0; s < 64; s += 8) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = i + s + r * W;
+        vec::vf<W> v;
+        if constexpr (W == 1) {
+          v = sam_term<ADAPTIVE, float>(ADAPTIVE ? p[j] : 0.f, g[j]);
+        } else {
+          v = ADAPTIVE ? vec::abs_(vec::load<W>(p + j)) * vec::load<W>(g + j) : vec::load<W>(g + j);
         }
+        f[r] += v * v;
       }
-      for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < W; ++k) acc[r * W + k] += vec::lane<W>(f[r], k);
     }
   }
   for (; i < n; ++i) {
-    const double v = static_cast<double>(sam_term<ADAPTIVE, T>(ADAPTIVE ? p[i] : T(0), g[i]));
+    const double v = static_cast<double>(sam_term<ADAPTIVE, float>(ADAPTIVE ? p[i] : 0.f, g[i]));
+    acc[i & 7] += v * v;
+  }
+}
+
+template <bool ADAPTIVE>
+void sam_sumsq_into_f64(const double* __restrict__ p, const double* __restrict__ g, int64_t n, double acc[8]) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = sam_term<ADAPTIVE, double>(ADAPTIVE ? p[i] : 0.0, g[i]);
     acc[i & 7] += v * v;
   }
 }
 
 constexpr int64_t kWidenBlock = 1024;  // elements per float32 buffer: a multiple of 64
 
-template <bool ADAPTIVE, typename T>
-double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t n) {
+template <int W, bool ADAPTIVE, typename T>
+FUSED_ADV_INLINE double chunk_sam_sumsq(const T* __restrict__ p, const T* __restrict__ g, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (is_low_precision_v<T>) {
+  if constexpr (std::is_same_v<T, double>) {
+    sam_sumsq_into_f64<ADAPTIVE>(p, g, n, acc);
+  } else if constexpr (std::is_same_v<T, float>) {
+    sam_sumsq_into<W, ADAPTIVE>(p, g, n, acc);
+  } else {
     alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
     for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
       const int64_t m = std::min(kWidenBlock, n - j0);
       if (ADAPTIVE) to_float(p + j0, pf, m);
       to_float(g + j0, gf, m);
-      sam_sumsq_into<ADAPTIVE>(static_cast<const float*>(pf), static_cast<const float*>(gf), m, acc);
+      sam_sumsq_into<W, ADAPTIVE>(static_cast<const float*>(pf), static_cast<const float*>(gf), m, acc);
     }
-  } else {
-    sam_sumsq_into<ADAPTIVE>(p, g, n, acc);
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
@@ -81,8 +100,11 @@ at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adapt
       using T = std::remove_pointer_t<decltype(tag)>;
       const T* p = ptr<T>(params[ch.tensor], ch);
       const T* g = ptr<T>(grads[ch.tensor], ch);
-      partials[c] = adaptive ? chunk_sam_sumsq<true>(p, g, ch.end - ch.begin)
-                             : chunk_sam_sumsq<false>(p, g, ch.end - ch.begin);
+      vec::with_width([&](auto w) {
+        constexpr int W = decltype(w)::value;
+        partials[c] = adaptive ? chunk_sam_sumsq<W, true>(p, g, ch.end - ch.begin)
+                               : chunk_sam_sumsq<W, false>(p, g, ch.end - ch.begin);
+      });
     });
   });
   const int64_t n = static_cast<int64_t>(params.size());
@@ -96,21 +118,24 @@ at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adapt
   return out;
 }
 
-// bf16/fp16: widened block by block, stepped in float32 (sam_step<float> is sam_step<T> before its
-// final rounding), narrowed once: the bits of the element loop.
-template <bool ADAPTIVE, typename T>
-void sam_chunk(T* __restrict__ p, const T* __restrict__ g, opmath_t<T> scale, int64_t n) {
-  if constexpr (is_low_precision_v<T>) {
-    alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
-    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
-      const int64_t m = std::min(kWidenBlock, n - j0);
+// P' = sam_step(P, G) over one chunk, in place.  float32 / bf16 lanes and the scalar path step
+// T's own elements (vec.h map); fp16 lanes are widened block by block into float32 buffers,
+// stepped (sam_step<float> is sam_step<T> before its final rounding) and narrowed once.
+template <int W, bool ADAPTIVE, typename T>
+FUSED_ADV_INLINE void sam_chunk(T* p, const T* __restrict__ g, float scale, int64_t n) {
+  const auto vec_step = [scale](auto pv, auto gv) { return pv + (ADAPTIVE ? (pv * pv) * gv : gv) * scale; };
+  const auto step = [scale](auto pv, auto gv) { return sam_step<ADAPTIVE>(pv, gv, scale); };
+  for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+    const int m = static_cast<int>(std::min(kWidenBlock, n - j0));
+    if constexpr (W == 1 || vec::kInRegister<T>) {
+      vec::map<W>(m, p + j0, vec_step, step, static_cast<const T*>(p + j0), g + j0);
+    } else {
+      alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
       to_float(p + j0, pf, m);
       to_float(g + j0, gf, m);
-      for (int64_t k = 0; k < m; ++k) pf[k] = sam_step<ADAPTIVE, float>(pf[k], gf[k], scale);
+      vec::map<W>(m, pf, vec_step, step, static_cast<const float*>(pf), static_cast<const float*>(gf));
       from_float(pf, p + j0, m);
     }
-  } else {
-    for (int64_t j = 0; j < n; ++j) p[j] = sam_step<ADAPTIVE, T>(p[j], g[j], scale);
   }
 }
 
@@ -137,11 +162,18 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       std::memcpy(ptr<T>(backups[i], ch), p, static_cast<size_t>(len) * sizeof(T));  // always
       if (!f.ok) return;  // non-finite global norm: P stays bit for bit
       const T* g = ptr<T>(grads[i], ch);
-      const opmath_t<T> s = static_cast<opmath_t<T>>(f.scale);
-      if (adaptive) {
-        sam_chunk<true, T>(p, g, s, len);
+      if constexpr (std::is_same_v<T, double>) {
+        const double s = f.scale;
+        for (int64_t j = 0; j < len; ++j) p[j] = adaptive ? sam_step<true>(p[j], g[j], s) : sam_step<false>(p[j], g[j], s);
       } else {
-        sam_chunk<false, T>(p, g, s, len);
+        vec::with_width([&](auto w) {
+          constexpr int W = decltype(w)::value;
+          if (adaptive) {
+            sam_chunk<W, true, T>(p, g, f.scale, len);
+          } else {
+            sam_chunk<W, false, T>(p, g, f.scale, len);
+          }
+        });
       }
     });
   });

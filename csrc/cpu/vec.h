@@ -141,9 +141,10 @@ constexpr bool kInRegister = std::is_same_v<T, float> || std::is_same_v<T, c10::
 
 // out[k] = f(in[k]...) for k < m: W = 8 runs vec_f on 8 lanes at a time (load8 / store8: float32
 // or bf16 elements) and scalar_f on the tail; W = 1 runs scalar_f
-// (csrc/common's element function, on the elements' own type) on every element.
+// (csrc/common's element function, on the elements' own type) on every element.  out may be one
+// of the inputs (element k is read before it is written).
 template <int W, typename Out, typename VecF, typename ScalarF, typename... In>
-FUSED_ADV_INLINE void map(int m, Out* __restrict__ out, const VecF& vec_f, const ScalarF& scalar_f,
+FUSED_ADV_INLINE void map(int m, Out* out, const VecF& vec_f, const ScalarF& scalar_f,
                           const In*... in) {
   int k = 0;
   if constexpr (W > 1) {
