@@ -19,6 +19,7 @@
 #include "common/weight_ext_math.h"
 #include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/vec.h"
 
 namespace fused_adv {
 namespace cpu {
@@ -53,36 +54,46 @@ T* ptr(const at::Tensor& t, const Chunk& ch) {
 }
 
 // Sum of |x| over one chunk: eight lanes, float32 partials over 64 elements flushed to double
-// (the pattern of weight.cpp's chunk_sumsq: vectorizes, fixed combination order).
-// (bf16/fp16: widened in blocks of a multiple of 64 elements and summed by the float instantiation:
-// the same lanes, the same bits.)
-template <typename T>
-void abssum_into(const T* __restrict__ x, int64_t n, double acc[8]) {
+// (the pattern of weight.cpp's chunk_sumsq: one AVX register or a lane loop, vec.h; fixed
+// combination order).  bf16/fp16: widened in blocks of a multiple of 64 elements and summed by
+// the float path: the same lanes, the same bits.
+template <int W>
+FUSED_ADV_INLINE void abssum_into(const float* __restrict__ x, int64_t n, double acc[8]) {
+  constexpr int R = 8 / W;
   int64_t i = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; i + 64 <= n; i += 64) {
-      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int s = 0; s < 64; s += 8) {
-        for (int k = 0; k < 8; ++k) f[k] += std::fabs(static_cast<float>(x[i + s + k]));
+  for (; i + 64 <= n; i += 64) {
+    vec::vf<W> f[R];
+    for (int r = 0; r < R; ++r) f[r] = vec::splat<W>(0.f);
+    for (int s = 0; s < 64; s += 8) {
+      for (int r = 0; r < R; ++r) {
+        if constexpr (W == 1) {
+          f[r] += std::fabs(x[i + s + r]);
+        } else {
+          f[r] += vec::abs_(vec::load<W>(x + i + s + r * W));
+        }
       }
-      for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < W; ++k) acc[r * W + k] += vec::lane<W>(f[r], k);
     }
   }
-  for (; i < n; ++i) acc[i & 7] += std::fabs(static_cast<double>(static_cast<opmath_t<T>>(x[i])));
+  for (; i < n; ++i) acc[i & 7] += std::fabs(static_cast<double>(x[i]));
 }
 
-template <typename T>
-double chunk_abssum(const T* __restrict__ x, int64_t n) {
+template <int W, typename T>
+FUSED_ADV_INLINE double chunk_abssum(const T* __restrict__ x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (is_low_precision_v<T>) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t i = 0; i < n; ++i) acc[i & 7] += std::fabs(x[i]);
+  } else if constexpr (std::is_same_v<T, float>) {
+    abssum_into<W>(x, n, acc);
+  } else {
     alignas(64) float buf[kWidenBlock];
     for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
       const int64_t m = std::min(kWidenBlock, n - j0);
       to_float(x + j0, buf, m);
-      abssum_into(static_cast<const float*>(buf), m, acc);
+      abssum_into<W>(static_cast<const float*>(buf), m, acc);
     }
-  } else {
-    abssum_into(x, n, acc);
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
@@ -94,7 +105,8 @@ at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
   for_each_chunk(plan, [&](int64_t c, const Chunk& ch) {
     dispatch_float(tensors[ch.tensor].scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      partials[c] = chunk_abssum(tensors[ch.tensor].template const_data_ptr<T>() + ch.begin, ch.end - ch.begin);
+      const T* x = tensors[ch.tensor].template const_data_ptr<T>() + ch.begin;
+      vec::with_width([&](auto w) { partials[c] = chunk_abssum<decltype(w)::value>(x, ch.end - ch.begin); });
     });
   });
   const int64_t n = static_cast<int64_t>(tensors.size());
@@ -108,15 +120,46 @@ at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
   return out;
 }
 
-// One MI-FGSM chunk.  FIRST is a template argument and the four streams are distinct tensors
-// (restrict): the loop has no branch the compiler cannot turn into selects, so it vectorizes
-// (with a runtime `first` and a struct-returning step it ran ~3x slower than PGD's update).
-template <bool FIRST, typename T>
-void mifgsm_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, const T* __restrict__ b,
-                  int64_t len, opmath_t<T> n, opmath_t<T> a, opmath_t<T> e, opmath_t<T> d) {
-  if constexpr (is_low_precision_v<T>) {
-    // mifgsm_momentum / mifgsm_param on float32 buffers, every rounding to T a block conversion:
-    // the stored momentum (whose sign P's step reads), the box B -+ eps, and P.
+// One MI-FGSM chunk: the momentum M' = mifgsm_momentum(G, M) is stored in T first (P's step reads
+// the stored sign), then P' = mifgsm_param(P, M', B) with the box B -+ eps rounded to T.
+// float32 / bf16 lanes and the scalar path work on T's own elements (vec.h map, two passes over
+// a block); fp16 lanes work on float32 buffers with every rounding to T a block conversion.
+template <int W, bool FIRST, typename T>
+FUSED_ADV_INLINE void mifgsm_chunk(T* p, const T* __restrict__ g, T* m, const T* __restrict__ b, int64_t len,
+                                   opmath_t<T> n, opmath_t<T> a, opmath_t<T> e, opmath_t<T> d) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t j = 0; j < len; ++j) {
+      const T mt = mifgsm_momentum<T>(g[j], FIRST ? T(0) : m[j], n, d, FIRST);
+      m[j] = mt;
+      p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
+    }
+  } else if constexpr (W == 1 || vec::kInRegister<T>) {
+    for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
+      const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
+      const T* mj = m + j0;
+      if constexpr (FIRST) {
+        vec::map<W>(
+            cnt, m + j0, [n](auto gv) { return gv / n; },
+            [n, d](T gv) { return mifgsm_momentum<T>(gv, T(0), n, d, true); }, g + j0);
+      } else {
+        vec::map<W>(
+            cnt, m + j0, [n, d](auto gv, auto mv) { return d * mv + gv / n; },
+            [n, d](T gv, T mv) { return mifgsm_momentum<T>(gv, mv, n, d, false); }, g + j0, mj);
+      }
+      vec::map<W>(
+          cnt, p + j0,
+          [a, e](auto pv, auto mv, auto bv) {  // mifgsm_param, lane by lane (clamp_nan's NaN rule)
+            const auto v = pv + a * vec::sign_of(mv);
+            const auto lo = vec::round_to<T>(bv - e), hi = vec::round_to<T>(bv + e);
+            const auto nan = (v != v) | (lo != lo) | (hi != hi);
+            auto r = v > lo ? v : lo;
+            r = r < hi ? r : hi;
+            return nan ? v + lo + hi : r;
+          },
+          [a, e](T pv, T mv, T bv) { return mifgsm_param<T>(pv, mv, bv, a, e); }, static_cast<const T*>(p + j0), mj,
+          b + j0);
+    }
+  } else {
     alignas(64) float pf[kWidenBlock], gf[kWidenBlock], mf[kWidenBlock], lo[kWidenBlock], hi[kWidenBlock];
     for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
       const int64_t cnt = std::min(kWidenBlock, len - j0);
@@ -138,12 +181,6 @@ void mifgsm_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
       to_float(p + j0, pf, cnt);
       for (int64_t k = 0; k < cnt; ++k) pf[k] = clamp_nan(add_rn(pf[k], mul_rn(a, sign_of(mf[k]))), lo[k], hi[k]);
       from_float(pf, p + j0, cnt);
-    }
-  } else {
-    for (int64_t j = 0; j < len; ++j) {
-      const T mt = mifgsm_momentum<T>(g[j], FIRST ? T(0) : m[j], n, d, FIRST);
-      m[j] = mt;
-      p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
     }
   }
 }
@@ -171,11 +208,14 @@ void mifgsm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       }
       const M n = static_cast<M>(n1[i]), a = static_cast<M>(alpha), e = static_cast<M>(epsilon),
               d = static_cast<M>(decay);
-      if (first) {
-        mifgsm_chunk<true, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
-      } else {
-        mifgsm_chunk<false, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
-      }
+      vec::with_width([&](auto w) {
+        constexpr int W = decltype(w)::value;
+        if (first) {
+          mifgsm_chunk<W, true, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
+        } else {
+          mifgsm_chunk<W, false, T>(p, ptr<T>(grads[i], ch), m, b, len, n, a, e, d);
+        }
+      });
     });
   });
 }
@@ -198,20 +238,29 @@ void awp_paper_add_cpu(at::TensorList params, at::TensorList dirs, const at::Ten
       const T* __restrict__ d = ptr<T>(dirs[i], ch);
       const M fi = static_cast<M>(f[i]), c = static_cast<M>(coeff);
       const int64_t len = ch.end - ch.begin;
-      if constexpr (is_low_precision_v<T>) {
-        // awp_paper_step on float32 buffers: diff = f*D rounded to T, then P + coeff*diff, rounded.
-        alignas(64) float pf[kWidenBlock], df[kWidenBlock];
-        for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
-          const int64_t cnt = std::min(kWidenBlock, len - j0);
-          to_float(d + j0, df, cnt);
-          for (int64_t k = 0; k < cnt; ++k) df[k] = mul_rn(df[k], fi);
-          round_through(static_cast<T*>(nullptr), df, cnt);
-          to_float(p + j0, pf, cnt);
-          for (int64_t k = 0; k < cnt; ++k) pf[k] = add_rn(pf[k], mul_rn(c, df[k]));
-          from_float(pf, p + j0, cnt);
-        }
-      } else {
+      if constexpr (std::is_same_v<T, double>) {
         for (int64_t j = 0; j < len; ++j) p[j] = awp_paper_step<T>(p[j], d[j], fi, c);
+      } else {
+        vec::with_width([&](auto w) {
+          constexpr int W = decltype(w)::value;
+          const auto step = [fi, c](auto pv, auto dv) { return awp_paper_step(pv, dv, fi, c); };
+          for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
+            const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
+            if constexpr (W == 1 || vec::kInRegister<T>) {  // diff = f*D rounded to T, then P + coeff*diff
+              vec::map<W>(
+                  cnt, p + j0, [fi, c](auto pv, auto dv) { return pv + c * vec::round_to<T>(dv * fi); }, step,
+                  static_cast<const T*>(p + j0), d + j0);
+            } else {  // fp16 lanes: float32 buffers, the rounding of diff a block conversion
+              alignas(64) float pf[kWidenBlock], df[kWidenBlock];
+              to_float(d + j0, df, cnt);
+              for (int k = 0; k < cnt; ++k) df[k] = mul_rn(df[k], fi);
+              round_through(static_cast<T*>(nullptr), df, cnt);
+              to_float(p + j0, pf, cnt);
+              for (int k = 0; k < cnt; ++k) pf[k] = add_rn(pf[k], mul_rn(c, df[k]));
+              from_float(pf, p + j0, cnt);
+            }
+          }
+        });
       }
     });
   });
