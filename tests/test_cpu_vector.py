@@ -115,3 +115,58 @@ def test_vector_path_matches_the_scalar_path_bit_for_bit(tmp_path):
     # the comparison is not vacuous: the steps moved the weights and the specials reached the sums
     assert not torch.equal(vec["torch.float32-awp-True"], vec["torch.float32-fgm-True"])
     assert torch.isnan(vec["torch.bfloat16-sumsq"]).any() and torch.isfinite(vec["torch.float32-sumsq"]).any()
+
+
+ACTIVATION_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from fused_adv import ops
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        acc = torch.float32
+        x = (torch.randn(6, 40, 67, generator=gen) * 3).to(dt)   # H = 67: lanes and a tail
+        x[0, 0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-30, -65504.0]).to(dt)
+        g = torch.randn(6, 40, 67, generator=gen).to(dt)
+        g[1, 2, 3] = float("nan")
+        d = (torch.randn(6, 40, 67, generator=gen) * 1e-2).to(acc)
+        o, mu, rs = ops.ln_delta_fwd(x, d, 1e-7, backend="cpp")
+        out[f"{dt}-ln_fwd"] = [o, mu, rs]
+        out[f"{dt}-ln_bwd"] = [ops.ln_delta_bwd(g, x, mu, rs, backend="cpp")]
+        out[f"{dt}-absmax"] = [ops.row_absmax_sumsq(g, backend="cpp")]
+        out[f"{dt}-sift_perturb"] = list(ops.sift_perturb(x, d, 0.01, backend="cpp"))
+        dd = d.clone()
+        out[f"{dt}-sift_update"] = [ops.sift_update_(dd, g.to(acc), x, lr=1e-3, backend="cpp"), dd]
+        nz = d.clone()
+        ops.smart_update_(nz, g.to(acc), step_size=1e-3, epsilon=1e-6, backend="cpp")
+        out[f"{dt}-smart"] = [nz]
+        for linf in (False, True):
+            dl = (torch.randn(6, 40, 67, generator=gen) * 1e-2).to(dt)
+            out[f"{dt}-freelb_reduce-{linf}"] = [ops.freelb_reduce(dl, g, linf, backend="cpp")]
+            ops.freelb_update_(dl, g, None, 0.1, 0.05, linf, backend="cpp")
+            out[f"{dt}-freelb_update-{linf}"] = [dl]
+        nf = (torch.randn(6, 40, 67, generator=gen) * 1e-2).to(dt)
+        ops.freeat_update_(nf, g, 0.01, 0.02, backend="cpp")
+        out[f"{dt}-freeat"] = [nf]
+    torch.save(out, sys.argv[1])
+""")
+
+
+@pytest.mark.skipif(not _library.has_native("freelb_update_", "cpu"), reason="no C++ kernels")
+def test_activation_kernels_vector_path_matches_the_scalar_path(tmp_path):
+    """The activation-space and FreeAT kernels (csrc/cpu/activation.cpp, free.cpp), whose loops are
+    compiled for AVX2 inside vec::with_width: the same bits as their baseline build (NaNs by value)."""
+    results = []
+    for flag in ("1", "0"):
+        env = dict(os.environ, FUSED_ADV_CPU_VECTOR=flag)
+        path = tmp_path / f"act{flag}.pt"
+        subprocess.run([sys.executable, "-c", ACTIVATION_SCRIPT, str(path)], env=env, check=True, cwd=ROOT,
+                       timeout=300)
+        results.append(torch.load(path))
+    vec, scalar = results
+    assert vec.keys() == scalar.keys()
+    for key in vec:
+        for a, b in zip(vec[key], scalar[key]):
+            assert a.dtype == b.dtype and torch.equal(torch.isnan(a), torch.isnan(b)), key
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            a, b = (torch.where(torch.isnan(t), torch.zeros_like(t), t).view(bits) for t in (a, b))
+            assert torch.equal(a, b), key
