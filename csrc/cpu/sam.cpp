@@ -118,24 +118,15 @@ at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adapt
   return out;
 }
 
-// P' = sam_step(P, G) over one chunk, in place.  float32 / bf16 lanes and the scalar path step
-// T's own elements (vec.h map); fp16 lanes are widened block by block into float32 buffers,
-// stepped (sam_step<float> is sam_step<T> before its final rounding) and narrowed once.
+// P' = sam_step(P, G) over one chunk, in place, on T's own elements (vec.h map: lanes widened and
+// rounded in registers, or csrc/common's sam_step on the scalar path).
 template <int W, bool ADAPTIVE, typename T>
 FUSED_ADV_INLINE void sam_chunk(T* p, const T* __restrict__ g, float scale, int64_t n) {
   const auto vec_step = [scale](auto pv, auto gv) { return pv + (ADAPTIVE ? (pv * pv) * gv : gv) * scale; };
   const auto step = [scale](auto pv, auto gv) { return sam_step<ADAPTIVE>(pv, gv, scale); };
   for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
     const int m = static_cast<int>(std::min(kWidenBlock, n - j0));
-    if constexpr (W == 1 || vec::kInRegister<T>) {
-      vec::map<W>(m, p + j0, vec_step, step, static_cast<const T*>(p + j0), g + j0);
-    } else {
-      alignas(64) float pf[kWidenBlock], gf[kWidenBlock];
-      to_float(p + j0, pf, m);
-      to_float(g + j0, gf, m);
-      vec::map<W>(m, pf, vec_step, step, static_cast<const float*>(pf), static_cast<const float*>(gf));
-      from_float(pf, p + j0, m);
-    }
+    vec::map<W>(m, p + j0, vec_step, step, static_cast<const T*>(p + j0), g + j0);
   }
 }
 

@@ -26,6 +26,11 @@
 
 #include "cpu/convert.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FUSED_ADV_VEC8 1  // the W = 8 path exists (x86-64 with GCC/Clang); elsewhere W = 1 only
+#endif
+
 // GCC warns that a 32-byte vector passed by value changes the ABI without AVX: these helpers are
 // always inlined into the AVX2 wrapper, never called across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -123,24 +128,55 @@ FUSED_ADV_INLINE void store8(c10::BFloat16* p, vf<8> v) {
   const u16x8 h = __builtin_convertvector(bf16_bits(v), u16x8);
   std::memcpy(p, &h, sizeof(h));
 }
-// x rounded to T's precision and back (T = float: x itself): AWP's box stages.
+#if defined(FUSED_ADV_VEC8)
+// ---- fp16 lanes in registers: F16C ------------------------------------------------------------
+// vcvtph2ps widens exactly (and quiets a signalling NaN, as c10's software routine does);
+// vcvtps2ph rounds to nearest even like c10::detail::fp16_ieee_from_fp32_value, and NaN lanes get
+// c10's sign | 0x7E00.  These carry the AVX2 + F16C target and are deliberately not always_inline
+// (GCC inlines a function of that target only into code of the same target, which is what
+// run_avx2's flatten does with the W = 8 bodies that call them; W = 8 bodies are instantiated for
+// run_avx2 alone, never called from baseline code), and static: where one stays out of line, the
+// call is direct (no PLT) and uses the AVX calling convention on both sides.
+__attribute__((target("avx2,f16c"))) static inline vf<8> load8(const c10::Half* p) {
+  return reinterpret_cast<vf<8>>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx2,f16c"))) static inline __m128i half_bits(vf<8> v) {
+  const __m256 x = reinterpret_cast<__m256>(v);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+  if (_mm256_movemask_ps(nan) != 0) {
+    const __m256i canon = _mm256_or_si256(
+        _mm256_srli_epi32(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(static_cast<int>(0x80000000u))),
+                          16),
+        _mm256_set1_epi32(0x7E00));
+    const __m256i wide = _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), canon, _mm256_castps_si256(nan));
+    h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(wide, wide), 0xD8));
+  }
+  return h;
+}
+__attribute__((target("avx2,f16c"))) static inline void store8(c10::Half* p, vf<8> v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), half_bits(v));
+}
+__attribute__((target("avx2,f16c"))) static inline vf<8> round_half(vf<8> v) {
+  return reinterpret_cast<vf<8>>(_mm256_cvtph_ps(half_bits(v)));
+}
+#endif
+
+// x rounded to T's precision and back (T = float: x itself): AWP's and MI-FGSM's box stages.
 template <typename T>
 FUSED_ADV_INLINE vf<8> round_to(vf<8> x) {
   if constexpr (std::is_same_v<T, float>) {
     return x;
-  } else {
-    static_assert(std::is_same_v<T, c10::BFloat16>, "in-register rounding: float32 and bf16 only");
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return reinterpret_cast<vf<8>>(bf16_bits(x) << 16);
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>, "round_to: float32, bf16 or fp16");
+    return round_half(x);
   }
 }
 
-// Types whose W = 8 lanes load and store in registers (fp16 goes through convert.h's F16C block
-// conversions into float32 buffers instead).
-template <typename T>
-constexpr bool kInRegister = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
-
-// out[k] = f(in[k]...) for k < m: W = 8 runs vec_f on 8 lanes at a time (load8 / store8: float32
-// or bf16 elements) and scalar_f on the tail; W = 1 runs scalar_f
+// out[k] = f(in[k]...) for k < m: W = 8 runs vec_f on 8 lanes at a time (load8 / store8: float32,
+// bf16 or fp16 elements) and scalar_f on the tail; W = 1 runs scalar_f
 // (csrc/common's element function, on the elements' own type) on every element.  out may be one
 // of the inputs (element k is read before it is written).
 template <int W, typename Out, typename VecF, typename ScalarF, typename... In>
@@ -161,19 +197,20 @@ __attribute__((noinline)) void run_scalar(const Body& body) {
 }
 // flatten: everything the body calls in this translation unit is inlined here and compiled for
 // AVX2 (a call left out of line would be baseline code: correct, but slow).
+#if defined(FUSED_ADV_VEC8)
 template <typename Body>
 __attribute__((noinline, flatten, target("avx2,f16c"))) void run_avx2(const Body& body) {
   body(std::integral_constant<int, 8>{});
 }
+#endif
 // body(std::integral_constant<int, W>) with W = 8 on AVX2 + F16C CPUs (unless
 // FUSED_ADV_CPU_VECTOR=0), else W = 1.  Called once per chunk: one predictable branch.
 template <typename Body>
 FUSED_ADV_INLINE void with_width(const Body& body) {
-  if (vector_convert_enabled()) {
-    run_avx2(body);
-  } else {
-    run_scalar(body);
-  }
+#if defined(FUSED_ADV_VEC8)
+  if (vector_convert_enabled()) return run_avx2(body);
+#endif
+  run_scalar(body);
 }
 
 }  // namespace vec

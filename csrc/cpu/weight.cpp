@@ -364,31 +364,16 @@ inline void update_lines_f64(double* p, const double* __restrict__ g, const doub
 }
 
 // The float32 / bf16 / fp16 path, 1024 elements at a time: block_op(w, out, p, g, b, m)
-// (w: std::integral_constant<int, W>) writes the block's new values into a stack buffer, which
-// is then stored where a line changes.  For float32 and bf16 lanes (vec.h kInRegister), and for
-// every type on the scalar path, block_op reads P, G (and B) and writes T elements itself; for
-// fp16 lanes it works on float32 buffers widened by convert.h (F16C, out of line), and from_float
-// rounds its results once to T.  Either way the stored bits are those of csrc/common's element
-// steps on T.
+// (w: std::integral_constant<int, W>) reads the block's P, G (and B) and writes its new values as
+// T elements into a stack buffer (lanes widened and rounded in registers, vec.h), which is then
+// stored where a line changes.  The stored bits are those of csrc/common's element steps on T.
 template <int W, bool USE_B, typename T, typename BlockOp>
 FUSED_ADV_INLINE void update_lines(T* p, const T* __restrict__ g, const T* b, int64_t n, const BlockOp& block_op) {
   constexpr int BUF = 1024;
-  constexpr bool kDirect = W == 1 || vec::kInRegister<T>;
-  constexpr std::integral_constant<int, W> w{};
   alignas(64) T nv[BUF];
-  [[maybe_unused]] alignas(64) float pf[kDirect ? 1 : BUF], gf[kDirect ? 1 : BUF], out[kDirect ? 1 : BUF];
-  [[maybe_unused]] alignas(64) float bf[kDirect || !USE_B ? 1 : BUF];
   for (int64_t j0 = 0; j0 < n; j0 += BUF) {
     const int m = static_cast<int>(std::min<int64_t>(BUF, n - j0));
-    if constexpr (kDirect) {
-      block_op(w, nv, static_cast<const T*>(p + j0), g + j0, USE_B ? b + j0 : nullptr, m);
-    } else {
-      to_float(p + j0, pf, m);
-      to_float(g + j0, gf, m);
-      if constexpr (USE_B) to_float(b + j0, bf, m);
-      block_op(w, out, static_cast<const float*>(pf), static_cast<const float*>(gf), static_cast<const float*>(bf), m);
-      from_float(out, nv, m);
-    }
+    block_op(std::integral_constant<int, W>{}, nv, static_cast<const T*>(p + j0), g + j0, USE_B ? b + j0 : nullptr, m);
     store_changed_lines(p + j0, static_cast<const T*>(nv), m);
   }
 }
@@ -493,43 +478,22 @@ void pgd_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 // AWP's block op.  The box is computed in T's precision, each stage rounded to T (the reference
-// computes it in P's dtype): e = adv_eps*|B|, lo = B - e, hi = B + e, then the clamped step.  On
-// T's own elements (float32 / bf16 lanes, and the scalar path) that is one pass, the roundings in
-// registers (vec::round_to: the identity for float32); on fp16's float32 buffers the stages are
-// separate passes with convert.h's round_through between them.
+// computes it in P's dtype): e = adv_eps*|B|, lo = B - e, hi = B + e, then the clamped step, in
+// one pass, the roundings in registers (vec::round_to: the identity for float32).
 template <typename T>
 struct AwpBlock {
   float c, ae;
-  template <typename Wc, typename Out, typename In>
-  FUSED_ADV_INLINE void operator()(Wc, Out* out, const In* pj, const In* gj, const In* bj, int m) const {
-    constexpr int W = Wc::value;
+  template <typename Wc>
+  FUSED_ADV_INLINE void operator()(Wc, T* out, const T* pj, const T* gj, const T* bj, int m) const {
     const float c_ = c, ae_ = ae;
-    if constexpr (std::is_same_v<In, T>) {
-      vec::map<W>(
-          m, out,
-          [c_, ae_](auto pv, auto gv, auto bv) {
-            const auto e = vec::round_to<T>(ae_ * vec::abs_(bv));
-            const auto lo = vec::round_to<T>(bv - e), hi = vec::round_to<T>(bv + e);
-            return vec::nan_min(vec::nan_max(pv + gv * c_, lo), hi);
-          },
-          [c_, ae_](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c_, ae_); }, pj, gj, bj);
-    } else {
-      alignas(64) float e[1024], lo[1024], hi[1024];
-      vec::map<W>(m, e, [ae_](auto bv) { return ae_ * vec::abs_(bv); }, [ae_](float bv) { return awp_box_e(bv, ae_); },
-                  bj);
-      round_through(static_cast<T*>(nullptr), e, m);
-      const float* ce = e;
-      vec::map<W>(m, lo, [](auto bv, auto ev) { return bv - ev; }, [](float bv, float ev) { return awp_box_lo(bv, ev); },
-                  bj, ce);
-      vec::map<W>(m, hi, [](auto bv, auto ev) { return bv + ev; }, [](float bv, float ev) { return awp_box_hi(bv, ev); },
-                  bj, ce);
-      round_through(static_cast<T*>(nullptr), lo, m);
-      round_through(static_cast<T*>(nullptr), hi, m);
-      const float *clo = lo, *chi = hi;
-      vec::map<W>(
-          m, out, [c_](auto pv, auto gv, auto l, auto h) { return vec::nan_min(vec::nan_max(pv + gv * c_, l), h); },
-          [c_](float pv, float gv, float l, float h) { return awp_clamp(pv, gv, c_, l, h); }, pj, gj, clo, chi);
-    }
+    vec::map<Wc::value>(
+        m, out,
+        [c_, ae_](auto pv, auto gv, auto bv) {
+          const auto e = vec::round_to<T>(ae_ * vec::abs_(bv));
+          const auto lo = vec::round_to<T>(bv - e), hi = vec::round_to<T>(bv + e);
+          return vec::nan_min(vec::nan_max(pv + gv * c_, lo), hi);
+        },
+        [c_, ae_](T pv, T gv, T bv) { return awp_step(pv, gv, bv, c_, ae_); }, pj, gj, bj);
   }
 };
 

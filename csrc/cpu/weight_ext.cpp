@@ -122,8 +122,7 @@ at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
 
 // One MI-FGSM chunk: the momentum M' = mifgsm_momentum(G, M) is stored in T first (P's step reads
 // the stored sign), then P' = mifgsm_param(P, M', B) with the box B -+ eps rounded to T.
-// float32 / bf16 lanes and the scalar path work on T's own elements (vec.h map, two passes over
-// a block); fp16 lanes work on float32 buffers with every rounding to T a block conversion.
+// Both work on T's own elements (vec.h map, two passes over a block; roundings in registers).
 template <int W, bool FIRST, typename T>
 FUSED_ADV_INLINE void mifgsm_chunk(T* p, const T* __restrict__ g, T* m, const T* __restrict__ b, int64_t len,
                                    opmath_t<T> n, opmath_t<T> a, opmath_t<T> e, opmath_t<T> d) {
@@ -133,7 +132,7 @@ FUSED_ADV_INLINE void mifgsm_chunk(T* p, const T* __restrict__ g, T* m, const T*
       m[j] = mt;
       p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
     }
-  } else if constexpr (W == 1 || vec::kInRegister<T>) {
+  } else {
     for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
       const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
       const T* mj = m + j0;
@@ -158,29 +157,6 @@ FUSED_ADV_INLINE void mifgsm_chunk(T* p, const T* __restrict__ g, T* m, const T*
           },
           [a, e](T pv, T mv, T bv) { return mifgsm_param<T>(pv, mv, bv, a, e); }, static_cast<const T*>(p + j0), mj,
           b + j0);
-    }
-  } else {
-    alignas(64) float pf[kWidenBlock], gf[kWidenBlock], mf[kWidenBlock], lo[kWidenBlock], hi[kWidenBlock];
-    for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
-      const int64_t cnt = std::min(kWidenBlock, len - j0);
-      to_float(g + j0, gf, cnt);
-      if (!FIRST) to_float(m + j0, mf, cnt);
-      for (int64_t k = 0; k < cnt; ++k) {
-        const float step = quot_rn(gf[k], n);
-        mf[k] = FIRST ? step : add_rn(mul_rn(d, mf[k]), step);
-      }
-      from_float(mf, m + j0, cnt);
-      to_float(m + j0, mf, cnt);
-      to_float(b + j0, lo, cnt);
-      for (int64_t k = 0; k < cnt; ++k) {
-        hi[k] = add_rn(lo[k], e);
-        lo[k] = sub_rn(lo[k], e);
-      }
-      round_through(static_cast<T*>(nullptr), lo, cnt);
-      round_through(static_cast<T*>(nullptr), hi, cnt);
-      to_float(p + j0, pf, cnt);
-      for (int64_t k = 0; k < cnt; ++k) pf[k] = clamp_nan(add_rn(pf[k], mul_rn(a, sign_of(mf[k]))), lo[k], hi[k]);
-      from_float(pf, p + j0, cnt);
     }
   }
 }
@@ -246,19 +222,10 @@ void awp_paper_add_cpu(at::TensorList params, at::TensorList dirs, const at::Ten
           const auto step = [fi, c](auto pv, auto dv) { return awp_paper_step(pv, dv, fi, c); };
           for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
             const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
-            if constexpr (W == 1 || vec::kInRegister<T>) {  // diff = f*D rounded to T, then P + coeff*diff
-              vec::map<W>(
-                  cnt, p + j0, [fi, c](auto pv, auto dv) { return pv + c * vec::round_to<T>(dv * fi); }, step,
-                  static_cast<const T*>(p + j0), d + j0);
-            } else {  // fp16 lanes: float32 buffers, the rounding of diff a block conversion
-              alignas(64) float pf[kWidenBlock], df[kWidenBlock];
-              to_float(d + j0, df, cnt);
-              for (int k = 0; k < cnt; ++k) df[k] = mul_rn(df[k], fi);
-              round_through(static_cast<T*>(nullptr), df, cnt);
-              to_float(p + j0, pf, cnt);
-              for (int k = 0; k < cnt; ++k) pf[k] = add_rn(pf[k], mul_rn(c, df[k]));
-              from_float(pf, p + j0, cnt);
-            }
+            // diff = f*D rounded to T, then P + coeff*diff
+            vec::map<W>(
+                cnt, p + j0, [fi, c](auto pv, auto dv) { return pv + c * vec::round_to<T>(dv * fi); }, step,
+                static_cast<const T*>(p + j0), d + j0);
           }
         });
       }
