@@ -391,7 +391,7 @@ inline void update_chunk(T* p, const T* g, const T* b, int64_t n, const F64Op& f
 
 // ---- the ops -----------------------------------------------------------------------------
 // Each block op states one method's element step twice: as W-lane vector code (vec.h) and as
-// csrc/common's element function on float32 for W = 1 and the tails; the two agree bit for bit.
+// csrc/common's element function on T for W = 1 and the tails; the two agree bit for bit.
 
 void fgm_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
                      const at::Tensor& grad_sumsq, double epsilon, bool write_backup) {

@@ -4,18 +4,14 @@
 // The math is fused_adv/_torch/weight_ext.py's, element for element; the per-tensor factors and
 // element steps are csrc/common/weight_ext_math.h's (shared with csrc/cuda/weight_ext.cu).  As in
 // csrc/cpu/weight.cpp: element math in float32 (float64 for double tensors), one rounding to the
-// stored dtype; reductions accumulate in double with one partial per fixed-size chunk summed in
-// chunk order (results independent of the thread count); backups are memcpy (bit-exact); each
-// phase is one parallel pass over the chunks of all tensors (multi_tensor.h).
+// stored dtype; reductions sum 8 float32 lanes over 64 elements into double, one partial per
+// fixed-size chunk summed in chunk order (results independent of the thread count); backups are
+// memcpy (bit-exact); each phase is one parallel pass over the chunks of all tensors
+// (multi_tensor.h), each chunk 8 lanes wide on AVX2 CPUs or scalar, same bits (vec.h).
 #include <torch/library.h>
 
 #include <type_traits>
 
-// Everything below (this file's functions and the element math of the two headers, whose guards
-// are first met here) is compiled without -ftrapping-math: FP comparisons may then be evaluated
-// speculatively, so the MI-FGSM loop (sign and clamp are comparisons) if-converts and vectorizes.
-// Results are unchanged; only the FP exception flags, which nothing reads, may differ.
-#pragma GCC optimize("no-trapping-math")
 #include "common/weight_ext_math.h"
 #include "cpu/convert.h"
 #include "cpu/multi_tensor.h"
@@ -31,12 +27,6 @@ using common::mifgsm_momentum;
 using common::mifgsm_param;
 using common::norm_ok;
 using common::opmath_t;
-using common::add_rn;
-using common::clamp_nan;
-using common::mul_rn;
-using common::quot_rn;
-using common::sign_of;
-using common::sub_rn;
 
 // Elements per float32 buffer of the bf16/fp16 paths (convert.h): a multiple of 64.
 constexpr int64_t kWidenBlock = 1024;
