@@ -56,3 +56,21 @@ def batch(seed: int, vocab: int = 50, n: int = 4, length: int = 8, classes: int 
     mask[0, -2:] = 0
     labels = torch.randint(0, classes, (n,), generator=g)
     return ids, mask, labels
+
+
+class ThreeLayer(nn.Module):
+    """A word embedding and two linear layers: the smallest model with the names the weight
+    methods select (tests of the per-step host path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(10, 4)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+
+def grads_on(model: nn.Module) -> nn.Module:
+    """Gives every parameter a random .grad; returns the model."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model

@@ -27,25 +27,12 @@ import fused_adv
 from fused_adv.methods._common import no_grad, select_by_name, select_params
 from fused_adv.ops import _library, _registry
 from fused_adv.sharding import ShardingLayout
+from models import ThreeLayer, grads_on
 from oracles import bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKEND = "cpp" if _library.has_native("awp_perturb_", "cpu") else "torch"
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(10, 4)
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 2)
-
-
-def grads_on(model):
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    return model
 
 
 def weights(model):
@@ -54,7 +41,7 @@ def weights(model):
 
 # ---------------------------------------------------------------- select_params
 def test_select_params_is_one_list_until_the_model_changes():
-    m = Net()
+    m = ThreeLayer()
     first = select_params(m, "weight", what="x")
     assert [id(p) for p in first] == [id(p) for _, p in select_by_name(m, "weight", what="x")]
     assert select_params(m, "weight", what="x") is first                  # nothing changed
@@ -81,7 +68,7 @@ def test_awp_reused_backups_follow_a_changed_model(change):
     """A model changed between two AWP steps: the step after the change perturbs exactly what a
     fresh AWP instance perturbs, bit for bit, and restores the changed weights bit for bit."""
     torch.manual_seed(0)
-    m = grads_on(Net())
+    m = grads_on(ThreeLayer())
     awp = fused_adv.AWP(m, None, adv_param="weight", backend=BACKEND)
     for _ in range(2):                                                     # the backups are reused
         with awp.perturbed():
@@ -99,7 +86,7 @@ def test_awp_reused_backups_follow_a_changed_model(change):
         m.a.weight.requires_grad_(False)
     else:
         m.b.weight.grad = None
-    twin = Net()
+    twin = ThreeLayer()
     twin.a.weight.data = torch.empty_like(m.a.weight)
     twin.to(next(m.parameters()).dtype)
     twin.load_state_dict(m.state_dict())
@@ -127,7 +114,7 @@ def test_swap_restore_never_reuses_handed_over_buffers(method):
     runs = []
     for mode in ("swap", "copy"):
         torch.manual_seed(1)
-        m = grads_on(Net())
+        m = grads_on(ThreeLayer())
         if method == "awp":
             adv = fused_adv.AWP(m, None, adv_param="weight", backend=BACKEND, restore_mode=mode)
         else:
@@ -151,7 +138,7 @@ def test_awp_first_step_that_raises_moves_nothing():
     what it was (before, the backups were marked attacked before the op ran, so the restore in
     perturbed()'s finally copied never-written backups over the weights)."""
     torch.manual_seed(2)
-    m = grads_on(Net())
+    m = grads_on(ThreeLayer())
     awp = fused_adv.AWP(m, None, adv_param="weight", backend=BACKEND)
     with awp.perturbed():
         pass

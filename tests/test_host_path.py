@@ -25,24 +25,10 @@ from fused_adv import ops
 from fused_adv._torch import weight as torch_weight
 from fused_adv.methods._common import params_with_grad, select_by_name
 from fused_adv.ops import _library, _registry
+from models import ThreeLayer, grads_on
 from oracles import bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(10, 4)
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 2)
-
-
-def grads_on(model):
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    return model
 
 
 def names(pairs):
@@ -51,7 +37,7 @@ def names(pairs):
 
 # ---------------------------------------------------------------- selection cache
 def test_selection_notices_a_new_parameter():
-    m = Net()
+    m = ThreeLayer()
     assert names(select_by_name(m, "weight", what="x")) == ["word_embeddings.weight", "a.weight", "b.weight"]
     m.b.extra_weight = nn.Parameter(torch.zeros(3))           # registration hook
     assert "b.extra_weight" in names(select_by_name(m, "weight", what="x"))
@@ -60,7 +46,7 @@ def test_selection_notices_a_new_parameter():
 
 
 def test_selection_notices_replaced_and_deleted_parameters():
-    m = Net()
+    m = ThreeLayer()
     before = dict(select_by_name(m, "weight", what="x"))
     new = nn.Parameter(torch.ones(4, 4))
     m.a._parameters["weight"] = new                            # bypasses the registration hooks
@@ -73,7 +59,7 @@ def test_selection_notices_replaced_and_deleted_parameters():
 
 
 def test_selection_follows_requires_grad_and_grads():
-    m = grads_on(Net())
+    m = grads_on(ThreeLayer())
     assert len(select_by_name(m, "weight", what="x", require_grad=True)) == 3
     m.a.weight.requires_grad_(False)
     assert "a.weight" not in names(select_by_name(m, "weight", what="x"))
@@ -89,7 +75,7 @@ def test_selection_follows_requires_grad_and_grads():
 
 
 def test_selection_keeps_tied_parameters_once():
-    m = Net()
+    m = ThreeLayer()
     m.b.weight = m.word_embeddings.weight                      # tied (shapes do not matter here)
     assert names(select_by_name(m, "weight", what="x")) == ["word_embeddings.weight", "a.weight"]
 
@@ -99,7 +85,7 @@ def test_fused_awp_after_the_model_changed(change):
     """AWP steps on a model whose dtype or storage changed since the last step give what a fresh
     AWP instance gives, and restore the new weights bit for bit."""
     torch.manual_seed(0)
-    m = grads_on(Net())
+    m = grads_on(ThreeLayer())
     awp = fused_adv.AWP(m, None, adv_param="weight", backend="cpp" if _library.EXTENSION else "torch")
     with awp.perturbed():
         pass
@@ -109,7 +95,7 @@ def test_fused_awp_after_the_model_changed(change):
     else:
         for p in m.parameters():
             p.data = torch.randn_like(p)                       # new storage, same Parameter objects
-    twin = Net().to(next(m.parameters()).dtype)
+    twin = ThreeLayer().to(next(m.parameters()).dtype)
     twin.load_state_dict(m.state_dict())
     for p, q in zip(m.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
@@ -124,7 +110,7 @@ def test_fused_awp_after_the_model_changed(change):
 
 
 def test_fgm_notices_a_new_embedding_parameter():
-    m = grads_on(Net())
+    m = grads_on(ThreeLayer())
     fgm = fused_adv.FGM(m, emb_name="word_embeddings")
     with fgm.perturbed():
         pass
