@@ -88,7 +88,7 @@ FUSED_ADV_INLINE double chunk_sam_sumsq(const T* __restrict__ p, const T* __rest
       sam_sumsq_into<W, ADAPTIVE>(static_cast<const float*>(pf), static_cast<const float*>(gf), m, acc);
     }
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return vec::combine8(acc);
 }
 
 at::Tensor sam_sumsq_cpu(at::TensorList params, at::TensorList grads, bool adaptive) {

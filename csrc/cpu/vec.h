@@ -17,6 +17,7 @@
 // fp32 specials (FUSED_ADV_CPU_VECTOR=0 selects W = 1).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -103,6 +104,35 @@ FUSED_ADV_INLINE vf<8> nan_min(vf<8> a, vf<8> b) {
 FUSED_ADV_INLINE vf<8> sign_of(vf<8> g) {
   const vf<8> one = splat<8>(1.f), zero = splat<8>(0.f);
   return (g > 0.f ? one : zero) - (g < 0.f ? one : zero);
+}
+
+// ---- reductions over 8 double lanes -------------------------------------------------------------
+// The fixed combination order of the 8 lanes: results never depend on the thread count.
+inline double combine8(const double acc[8]) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Elements per float32 buffer when 16-bit data is widened for a reduction: a multiple of 64, so
+// every block but the last keeps the 64-element lane pattern (float(x) is exact: the sum is bit
+// for bit that of the 16-bit elements).
+constexpr int64_t kWidenBlock = 2048;
+
+// sum_into(v, m, acc) over x[0..n), then combine8: float32 / double data passed as it is,
+// bf16 / fp16 widened block by block (convert.h) into a stack buffer.
+template <typename T, typename SumInto>
+FUSED_ADV_INLINE double sum8(const T* __restrict__ x, int64_t n, const SumInto& sum_into) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    sum_into(x, n, acc);
+  } else {
+    alignas(64) float buf[kWidenBlock];
+    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
+      const int64_t m = std::min(kWidenBlock, n - j0);
+      to_float(x + j0, buf, m);
+      sum_into(static_cast<const float*>(buf), m, acc);
+    }
+  }
+  return combine8(acc);
 }
 
 // ---- bf16 lanes in registers ------------------------------------------------------------------

@@ -42,6 +42,8 @@ using common::opmath_t;
 using common::pgd_factors;
 using common::pgd_step;
 using common::StepFactors;
+using vec::combine8;
+using vec::kWidenBlock;
 
 // Argument checks of this file's ops: CPU tensors (csrc/common/checks.h).
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
@@ -63,12 +65,7 @@ const float* check_scalars(const char* op, const char* name, const at::Tensor& t
 // allows fp32 accumulation).  Tails shorter than 64 elements accumulate in double, lane i mod 8.
 // bf16/fp16 chunks are widened block by block (convert.h) into float32 buffers first: float(x)
 // is exact and every block but the last is a multiple of 64 elements, so the result is bit for
-// bit that of summing the 16-bit elements directly.
-constexpr int64_t kWidenBlock = 2048;  // elements per float32 buffer (8 KiB): a multiple of 64
-
-inline double combine8(const double acc[8]) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+// bit that of summing the 16-bit elements directly (vec::sum8).
 
 // Adds the squares of x[0..n) into the eight lanes (n a multiple of 64 unless it is a chunk's
 // last block).
@@ -106,20 +103,13 @@ inline void sumsq_into_f64(const double* __restrict__ x, int64_t n, double acc[8
 
 template <int W, typename T>
 FUSED_ADV_INLINE double chunk_sumsq(const T* __restrict__ x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (std::is_same_v<T, double>) {
-    sumsq_into_f64(x, n, acc);
-  } else if constexpr (std::is_same_v<T, float>) {
-    sumsq_into<W>(x, n, acc);
-  } else {
-    alignas(64) float buf[kWidenBlock];
-    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
-      const int64_t m = std::min(kWidenBlock, n - j0);
-      to_float(x + j0, buf, m);
-      sumsq_into<W>(static_cast<const float*>(buf), m, acc);
+  return vec::sum8(x, n, [](const auto* v, int64_t m, double* acc) {
+    if constexpr (std::is_same_v<decltype(v), const double*>) {
+      sumsq_into_f64(v, m, acc);
+    } else {
+      sumsq_into<W>(v, m, acc);
     }
-  }
-  return combine8(acc);
+  });
 }
 
 // (||G||^2, <P-B, G>, ||P-B||^2) over one chunk.  float32 path: d = P - B and the products in

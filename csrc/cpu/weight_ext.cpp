@@ -28,8 +28,8 @@ using common::mifgsm_param;
 using common::norm_ok;
 using common::opmath_t;
 
-// Elements per float32 buffer of the bf16/fp16 paths (convert.h): a multiple of 64.
-constexpr int64_t kWidenBlock = 1024;
+// Elements per block of the update passes.
+constexpr int64_t kUpdateBlock = 1024;
 
 void check_lists(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
   common::check_lists(op, c10::DeviceType::CPU, lists);
@@ -72,20 +72,13 @@ FUSED_ADV_INLINE void abssum_into(const float* __restrict__ x, int64_t n, double
 
 template <int W, typename T>
 FUSED_ADV_INLINE double chunk_abssum(const T* __restrict__ x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (std::is_same_v<T, double>) {
-    for (int64_t i = 0; i < n; ++i) acc[i & 7] += std::fabs(x[i]);
-  } else if constexpr (std::is_same_v<T, float>) {
-    abssum_into<W>(x, n, acc);
-  } else {
-    alignas(64) float buf[kWidenBlock];
-    for (int64_t j0 = 0; j0 < n; j0 += kWidenBlock) {
-      const int64_t m = std::min(kWidenBlock, n - j0);
-      to_float(x + j0, buf, m);
-      abssum_into<W>(static_cast<const float*>(buf), m, acc);
+  return vec::sum8(x, n, [](const auto* v, int64_t m, double* acc) {
+    if constexpr (std::is_same_v<decltype(v), const double*>) {
+      for (int64_t i = 0; i < m; ++i) acc[i & 7] += std::fabs(v[i]);
+    } else {
+      abssum_into<W>(v, m, acc);
     }
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  });
 }
 
 at::Tensor multi_tensor_abssum_cpu(at::TensorList tensors) {
@@ -123,8 +116,8 @@ FUSED_ADV_INLINE void mifgsm_chunk(T* p, const T* __restrict__ g, T* m, const T*
       p[j] = mifgsm_param<T>(p[j], mt, b[j], a, e);
     }
   } else {
-    for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
-      const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
+    for (int64_t j0 = 0; j0 < len; j0 += kUpdateBlock) {
+      const int cnt = static_cast<int>(std::min(kUpdateBlock, len - j0));
       const T* mj = m + j0;
       if constexpr (FIRST) {
         vec::map<W>(
@@ -210,8 +203,8 @@ void awp_paper_add_cpu(at::TensorList params, at::TensorList dirs, const at::Ten
         vec::with_width([&](auto w) {
           constexpr int W = decltype(w)::value;
           const auto step = [fi, c](auto pv, auto dv) { return awp_paper_step(pv, dv, fi, c); };
-          for (int64_t j0 = 0; j0 < len; j0 += kWidenBlock) {
-            const int cnt = static_cast<int>(std::min(kWidenBlock, len - j0));
+          for (int64_t j0 = 0; j0 < len; j0 += kUpdateBlock) {
+            const int cnt = static_cast<int>(std::min(kUpdateBlock, len - j0));
             // diff = f*D rounded to T, then P + coeff*diff
             vec::map<W>(
                 cnt, p + j0, [fi, c](auto pv, auto dv) { return pv + c * vec::round_to<T>(dv * fi); }, step,
